@@ -1,0 +1,1 @@
+"""nanodo: a minimal Transformer decoder-only language model in JAX."""

@@ -1,0 +1,50 @@
+"""Default config: a real model on the built-in Shakespeare corpus, sized for a 2-core CPU."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Every key the code reads, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.workdir = ''
+  # Data: a built-in corpus name (see nanodo/data.py).
+  c.ds_name = 'shakespeare'
+  # A SentencePiece model; empty: train one with vocab_size pieces into the workdir.
+  c.vocab_path = ''
+  c.vocab_size = 8192
+  c.batch_size = 16
+  c.eval_batch_size = 16
+
+  c.model = ml_collections.ConfigDict()
+  c.model.D = 256
+  c.model.H = 4
+  c.model.L = 256
+  c.model.N = 4
+  c.model.F = 1024
+  c.model.dtype = 'float32'  # 'bfloat16' on accelerators.
+  c.model.remat = False
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.optimizer = 'adamw'
+  c.opt.num_train_steps = 150
+  c.opt.peak_learning_rate = 3e-3
+  c.opt.init_learning_rate = 0.0
+  c.opt.final_learning_rate = 3e-4
+  c.opt.warmup_steps = 20
+  c.opt.decay_type = 'cosine'
+  c.opt.weight_decay = 0.1
+  c.opt.b1 = 0.9
+  c.opt.b2 = 0.95
+  c.opt.eps = 1e-8
+  c.opt.clip_by_global_norm = 1.0
+  # Weight decay applies to matrices only, not to LayerNorm scales or embeddings.
+  c.opt.decay_embeddings = False
+
+  c.log_every_steps = 10
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 100
+  c.max_to_keep = 3
+  # Restore the latest checkpoint of this directory when the workdir has none.
+  c.checkpoint_restore_dir = ''
+  return c

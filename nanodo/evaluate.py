@@ -1,0 +1,52 @@
+"""Held-out loss, perplexity and bits per byte."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanodo.data import EvalData
+from nanodo.optimizer import PyTree
+
+
+def get_in_out(in_BxL: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Inputs, next-token targets and weights (0 where the target is padding)."""
+  x_BxL = in_BxL
+  y_BxL = jnp.pad(in_BxL[:, 1:], ((0, 0), (0, 1)), constant_values=pad_id)
+  weights_BxL = (y_BxL != pad_id).astype(jnp.float32)
+  return x_BxL, y_BxL, weights_BxL
+
+
+def token_nll(logits_BxLxV: jax.Array, y_BxL: jax.Array) -> jax.Array:
+  """Negative log-likelihood of each target, in nats."""
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  logit_y_BxL = jnp.take_along_axis(logits_BxLxV, y_BxL[..., None], axis=-1)[..., 0]
+  return logz_BxL - logit_y_BxL
+
+
+def eval_step(params: PyTree, in_BxL: jax.Array, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+  """Sums of the held-out NLL, its square and the target count over one batch."""
+  x_BxL, y_BxL, weights_BxL = get_in_out(in_BxL)
+  nll_BxL = token_nll(nnx.merge(graphdef, params)(x_BxL), y_BxL) * weights_BxL
+  return {'nll': nll_BxL.sum(), 'nll_sq': jnp.square(nll_BxL).sum(), 'count': weights_BxL.sum()}
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_eval_step(graphdef: nnx.GraphDef) -> callable:
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
+
+def evaluate(graphdef: nnx.GraphDef, params: PyTree, data: EvalData,
+             batch_sharding: jax.sharding.Sharding) -> dict[str, float]:
+  """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
+  step = _jitted_eval_step(graphdef)
+  sums = [step(params, jax.device_put(b, batch_sharding)) for b in data.batches]
+  nll, nll_sq, count = (float(np.sum([s[k] for s in sums], dtype=np.float64))
+                        for k in ('nll', 'nll_sq', 'count'))
+  loss = nll / count
+  stderr = math.sqrt(max(nll_sq / count - loss**2, 0.0) / count)
+  return {'loss': loss, 'loss_stderr': stderr, 'perplexity': math.exp(loss),
+          'bits_per_byte': nll / math.log(2) / data.num_bytes}

@@ -1,0 +1,47 @@
+"""Step metrics written as JSON lines in the workdir and printed compactly."""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nanodo.optimizer import PyTree
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """L2 norm over every array of a pytree, in float32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+class Writer:
+  """Appends one JSON object per logged step to workdir/metrics.jsonl; prints some."""
+
+  def __init__(self, workdir: str, is_main: bool = True):
+    self.is_main = is_main
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._file = open(self.path, 'a', encoding='utf-8') if is_main else None
+
+  def write(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
+    """Writes metrics of one step; flushes so a crash loses nothing logged."""
+    if not self.is_main:
+      return
+    row = {'step': step, 'time': time.time(), **{k: float(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
+    if echo:
+      print(f'step {step:>6} | ' + ' | '.join(f'{k} {_fmt(v)}' for k, v in metrics.items()),
+            flush=True)
+
+  def close(self) -> None:
+    if self._file:
+      self._file.close()
+
+
+def _fmt(v: float) -> str:
+  v = float(v)
+  if v == 0 or not math.isfinite(v):
+    return str(v)
+  return f'{v:.4g}' if 1e-3 <= abs(v) < 1e5 else f'{v:.3e}'

@@ -1,0 +1,34 @@
+"""Device mesh and shardings: FSDP over one mesh axis."""
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from nanodo.model import FSDP
+from nanodo.optimizer import PyTree
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """All devices on the 'fsdp' axis; Auto axes so jit propagates shardings (GSPMD)."""
+  return jax.make_mesh((jax.device_count(),), (FSDP,), axis_types=(AxisType.Auto,))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Batches are split along B over the devices."""
+  return NamedSharding(mesh, P(FSDP))
+
+
+def _fits(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+  """The spec, or replication where a sharded dimension does not divide the axis size."""
+  return P(*(None if name and shape[i] % mesh.shape[name] else name for i, name in enumerate(spec)))
+
+
+def state_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+  """Shardings of a train state: declared specs for parameters, replicated scalars.
+
+  Optimizer moments mirror the parameters (same tree paths), so they inherit their specs.
+  """
+  specs = nnx.get_partition_spec(abstract_state)
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, _fits(spec, x.shape, mesh) if x.ndim else P()),
+      specs, abstract_state, is_leaf=lambda x: isinstance(x, P))

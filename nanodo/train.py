@@ -1,0 +1,164 @@
+"""Train state, the jitted step, the loop, checkpoints."""
+
+import functools
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import sentencepiece as spm
+from flax import nnx
+
+from nanodo import data, evaluate, metrics, optimizer, sharding, tokenizer
+from nanodo.model import ModelConfig, TransformerDecoder
+from nanodo.optimizer import PyTree
+
+TOKENIZER_FILE = 'tokenizer.model'
+
+
+def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy over non-padding targets."""
+  x_BxL, y_BxL, weights_BxL = evaluate.get_in_out(in_BxL)
+  logits_BxLxV = nnx.merge(graphdef, params)(x_BxL)
+  nll_BxL = evaluate.token_nll(logits_BxLxV, y_BxL)
+  return jnp.sum(nll_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+
+
+def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation,
+               schedule: optax.Schedule) -> tuple[PyTree, dict[str, jax.Array]]:
+  """One optimizer update: new state and the step's metrics."""
+  loss, grads = jax.value_and_grad(loss_fn)(state['params'], graphdef, in_BxL)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  step_metrics = {
+      'loss': loss,
+      'learning_rate': schedule(state['step']),
+      'grad_norm': metrics.global_norm(grads),
+      'update_norm': metrics.global_norm(updates),
+      'param_norm': metrics.global_norm(params),
+  }
+  return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+               mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+  """Graph definition, sharded initial state and its shardings."""
+  def init() -> PyTree:
+    params = nnx.state(TransformerDecoder(cfg, nnx.Rngs(seed)))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(seed))))
+  shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
+  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def get_tokenizer(c: ml_collections.ConfigDict, train_docs: list[str]) -> spm.SentencePieceProcessor:
+  """vocab_path; else the workdir's (or restore dir's) tokenizer; else train one."""
+  if c.vocab_path:
+    return tokenizer.load(c.vocab_path)
+  for d in (c.workdir, c.checkpoint_restore_dir):
+    if d and os.path.exists(os.path.join(d, TOKENIZER_FILE)):
+      return tokenizer.load(os.path.join(d, TOKENIZER_FILE))
+  print(f'Training a {c.vocab_size}-piece SentencePiece tokenizer on {c.ds_name}...', flush=True)
+  return tokenizer.train(train_docs, c.vocab_size, os.path.join(c.workdir, TOKENIZER_FILE))
+
+
+def checkpoint_manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+  """Orbax manager of 'state' (model, optimizer, step) and 'data' (Grain iterator) items."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=max_to_keep is not None)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore(mngr: ocp.CheckpointManager, state: PyTree, shardings: PyTree,
+            data_iter: grain.DatasetIterator) -> PyTree:
+  """Latest state of mngr, placed with shardings; data_iter is moved to its position."""
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, shardings)
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      data=grain.checkpoint.CheckpointRestore(data_iter)))
+  return restored['state']
+
+
+def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
+  if not np.isfinite(step_metrics['loss']):
+    raise FloatingPointError(
+        f'Loss is {step_metrics["loss"]} at step {step}; stopping. Checkpoints written before '
+        'this step are kept.')
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
+  """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval."""
+  os.makedirs(c.workdir, exist_ok=True)
+  with open(os.path.join(c.workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(c.to_json_best_effort(indent=2))
+  train_docs, eval_docs = data.load_corpus(c.ds_name)
+  sp = get_tokenizer(c, train_docs)
+  cfg = ModelConfig(V=sp.vocab_size(), **c.model)
+  mesh = sharding.make_mesh()
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  tx = optimizer.get_optimizer(c.opt)
+  graphdef, state, shardings = init_state(cfg, tx, c.seed, mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx,
+                        schedule=optimizer.get_schedule(c.opt)),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=0)
+
+  data_iter = iter(data.train_dataset(data.encode(sp, train_docs), cfg.L, c.batch_size, c.seed))
+  eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)
+  mngr = checkpoint_manager(os.path.join(c.workdir, 'checkpoints'), c.max_to_keep)
+  if mngr.latest_step() is not None:
+    state = restore(mngr, state, shardings, data_iter)
+  elif c.checkpoint_restore_dir:
+    state = restore(checkpoint_manager(os.path.join(c.checkpoint_restore_dir, 'checkpoints')),
+                    state, shardings, data_iter)
+  step = int(state['step'])
+  num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  print(f'{num_params / 1e6:.2f}M parameters, {jax.device_count()} devices, '
+        f'starting at step {step} of {c.opt.num_train_steps}.', flush=True)
+
+  writer = metrics.Writer(c.workdir)
+  tokens_per_step = c.batch_size * cfg.L
+  pending, t_last = None, time.time()
+  result = {}
+  while step < c.opt.num_train_steps:
+    state, step_metrics = step_fn(state, jax.device_put(next(data_iter), batch_sharding))
+    step += 1
+    # The host reads the previous step's metrics while the device runs this one.
+    if pending:
+      t_last = _log(writer, *pending, tokens_per_step, t_last, c.log_every_steps)
+    pending = (step, step_metrics)
+    if step % c.checkpoint_every_steps == 0 or step == c.opt.num_train_steps:
+      t_last, pending = _log(writer, *pending, tokens_per_step, t_last, c.log_every_steps), None
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+    if step % c.eval_every_steps == 0 or step == c.opt.num_train_steps:
+      result = evaluate.evaluate(graphdef, state['params'], eval_data, batch_sharding)
+      writer.write(step, {f'eval_{k}': v for k, v in result.items()})
+      t_last = time.time()
+  if not result:  # Already trained to the end: evaluate what is there.
+    result = evaluate.evaluate(graphdef, state['params'], eval_data, batch_sharding)
+    writer.write(step, {f'eval_{k}': v for k, v in result.items()})
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return result
+
+
+def _log(writer: metrics.Writer, step: int, step_metrics: dict[str, jax.Array],
+         tokens_per_step: int, t_last: float, log_every: int) -> float:
+  """Writes one step's metrics (fetched from the device) and returns the current time."""
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  _check_finite(step, values)
+  now = time.time()
+  values['tokens_per_sec'] = tokens_per_step / max(now - t_last, 1e-9)
+  writer.write(step, values, echo=step % log_every == 0 or step == 1)
+  return now

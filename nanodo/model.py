@@ -3,6 +3,7 @@
 Dimension key:
   B: batch size
   L: sequence length
+  T: tokens of a batch, B·L flattened (weight gradients of a 2-D matmul are far faster on CPU)
   M: attended (memory) length
   D: model dimension
   H: number of heads
@@ -39,7 +40,7 @@ class ModelConfig:
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], names: tuple[str | None, ...]) -> nnx.Param:
   """A normal-initialised weight with its partition spec (applied by the caller's jit)."""
   value = nnx.initializers.normal(stddev=std)(rngs.params(), shape)
-  return nnx.Param(value, sharding_names=names, eager_sharding=False)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class Attention(nnx.Module):
@@ -54,9 +55,10 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dtype = x_BxLxD.dtype
+    B, L, D = x_BxLxD.shape
     w_3xDxHxK = self.wqkv_3xDxHxK[...].astype(dtype)
-    q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = (
-        jnp.einsum('BLD,DHK->BLHK', x_BxLxD, w_3xDxHxK[i]) for i in range(3))
+    qkv_3xTxHxK = jnp.einsum('TD,SDHK->STHK', x_BxLxD.reshape(B * L, D), w_3xDxHxK)
+    q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = qkv_3xTxHxK.reshape(3, B, L, *qkv_3xTxHxK.shape[-2:])
     q_BxLxHxK *= q_BxLxHxK.shape[-1] ** -0.5
     att_BxHxLxM = jnp.einsum('BLHK,BMHK->BHLM', q_BxLxHxK, k_BxMxHxK)
     L, M = att_BxHxLxM.shape[-2:]
@@ -64,8 +66,8 @@ class Attention(nnx.Module):
     # softmax in float32: bfloat16 loses the small probabilities.
     att_BxHxLxM = jnp.where(causal_LxM, att_BxHxLxM.astype(jnp.float32), -jnp.inf)
     att_BxHxLxM = jax.nn.softmax(att_BxHxLxM, axis=-1).astype(dtype)
-    out_BxLxHxK = jnp.einsum('BHLM,BMHK->BLHK', att_BxHxLxM, v_BxMxHxK)
-    return jnp.einsum('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD[...].astype(dtype))
+    out_TxHxK = jnp.einsum('BHLM,BMHK->BLHK', att_BxHxLxM, v_BxMxHxK).reshape(B * L, *q_BxLxHxK.shape[-2:])
+    return jnp.einsum('THK,HKD->TD', out_TxHxK, self.wo_HxKxD[...].astype(dtype)).reshape(B, L, D)
 
 
 class Mlp(nnx.Module):
@@ -78,8 +80,9 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dtype = x_BxLxD.dtype
-    h_BxLxF = jax.nn.gelu(jnp.einsum('BLD,DF->BLF', x_BxLxD, self.wi_DxF[...].astype(dtype)))
-    return jnp.einsum('BLF,FD->BLD', h_BxLxF, self.wo_FxD[...].astype(dtype))
+    x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+    h_TxF = jax.nn.gelu(jnp.einsum('TD,DF->TF', x_TxD, self.wi_DxF[...].astype(dtype)))
+    return jnp.einsum('TF,FD->TD', h_TxF, self.wo_FxD[...].astype(dtype)).reshape(x_BxLxD.shape)
 
 
 def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -120,4 +123,6 @@ class TransformerDecoder(nnx.Module):
       x_BxLxD = block_fn(block, x_BxLxD)
     x_BxLxD = self.ln_f(x_BxLxD)
     # logits in float32: the loss needs the precision.
-    return jnp.einsum('BLD,VD->BLV', x_BxLxD.astype(jnp.float32), self.embed_VxD[...])
+    B, L, D = x_BxLxD.shape
+    x_TxD = x_BxLxD.reshape(B * L, D).astype(jnp.float32)
+    return jnp.einsum('TD,VD->TV', x_TxD, self.embed_VxD[...]).reshape(B, L, -1)

@@ -1,0 +1,38 @@
+"""Shared test helpers: a tiny config and the shipped tokenizer."""
+
+import os
+
+import ml_collections
+import pytest
+
+from nanodo.configs import default
+from nanodo.model import ModelConfig
+
+TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
+VOCAB = os.path.join(TESTDATA, 'shakespeare_1024.model')
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+  """A model small enough to compile and run in a second."""
+  return ModelConfig(**{'D': 32, 'H': 2, 'L': 16, 'N': 2, 'V': 97, 'F': 64, **overrides})
+
+
+def tiny_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
+  """The default config shrunk to a few seconds of training."""
+  c = default.get_config()
+  c.workdir = workdir
+  c.vocab_path = VOCAB
+  c.batch_size = 4
+  c.eval_batch_size = 8
+  c.model.update(D=32, H=2, L=32, N=2, F=64)
+  c.opt.update(num_train_steps=6, warmup_steps=2)
+  c.log_every_steps = 1
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 3
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture
+def workdir(tmp_path) -> str:
+  return str(tmp_path / 'run')

@@ -96,6 +96,8 @@ def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
 def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval."""
   os.makedirs(c.workdir, exist_ok=True)
+  # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, 'compile_cache'))
   with open(os.path.join(c.workdir, 'config.json'), 'w', encoding='utf-8') as f:
     f.write(c.to_json_best_effort(indent=2))
   train_docs, eval_docs = data.load_corpus(c.ds_name)

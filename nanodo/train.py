@@ -3,6 +3,7 @@
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import grain
 import jax
@@ -44,6 +45,15 @@ def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
       'param_norm': metrics.global_norm(params),
   }
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
+
+
+def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, shardings: PyTree,
+                   batch_sharding: jax.sharding.Sharding) -> Callable:
+  """train_step jitted once, with the state's shardings and its buffers donated."""
+  return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
@@ -108,11 +118,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
 
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = init_state(cfg, tx, c.seed, mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx,
-                        schedule=optimizer.get_schedule(c.opt)),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-      donate_argnums=0)
+  step_fn = jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding)
 
   data_iter = iter(data.train_dataset(data.encode(sp, train_docs), cfg.L, c.batch_size, c.seed))
   eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)

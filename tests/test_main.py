@@ -64,7 +64,7 @@ def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
 
 
 @pytest.mark.parametrize('override,message', [
-    ('--config.model.D=30', 'model.D=30 is not valid: must be divisible by model.H=4'),
+    ('--config.model.D=31', 'model.D=31 is not valid: must be divisible by model.H=2'),
     ('--config.batch_size=0', 'batch_size=0 is not valid: must be a positive integer'),
     ('--config.model.N=-1', 'model.N=-1 is not valid: must be a positive integer'),
     ('--config.ds_name=lm2b', "ds_name='lm2b' is not valid: one of ['shakespeare']"),

@@ -17,21 +17,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 16
 
   c.model = ml_collections.ConfigDict()
-  c.model.D = 256
-  c.model.H = 4
-  c.model.L = 256
+  c.model.D = 128
+  c.model.H = 2
+  c.model.L = 128
   c.model.N = 4
-  c.model.F = 1024
+  c.model.F = 512
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators.
   c.model.remat = False
 
   c.opt = ml_collections.ConfigDict()
   c.opt.optimizer = 'adamw'
-  c.opt.num_train_steps = 150
-  c.opt.peak_learning_rate = 3e-3
+  c.opt.num_train_steps = 1300
+  c.opt.peak_learning_rate = 5e-3
   c.opt.init_learning_rate = 0.0
   c.opt.final_learning_rate = 3e-4
-  c.opt.warmup_steps = 20
+  c.opt.warmup_steps = 60
   c.opt.decay_type = 'cosine'
   c.opt.weight_decay = 0.1
   c.opt.b1 = 0.9
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 10
   c.eval_every_steps = 500
-  c.checkpoint_every_steps = 100
+  c.checkpoint_every_steps = 200
   c.max_to_keep = 3
   # Restore the latest checkpoint of this directory when the workdir has none.
   c.checkpoint_restore_dir = ''

@@ -21,10 +21,9 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from nanodo import optimizer, sharding, train
+from nanodo import metrics, optimizer, sharding, train
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
@@ -32,26 +31,6 @@ CONFIGS = {
     'S': (ModelConfig(V=84, L=64, D=128, H=4, N=4, F=512), 12),
     'M': (ModelConfig(V=8192, L=256, D=512, H=8, N=6, F=2048), 8),
 }
-
-
-def ceiling_gflops(n: int = 2048, reps: int = 10) -> float:
-  """Median GFLOP/s of a jitted float32 n x n matmul."""
-  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
-  dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def model_flops(cfg: ModelConfig, params: dict, tokens: int) -> float:
-  """6·P·T + 12·N·L·D·T + 6·D·V·T with P the non-embedding parameters."""
-  embedding = cfg.V * cfg.D + cfg.L * cfg.D
-  P = sum(x.size for x in jax.tree.leaves(params)) - embedding
-  return 6 * P * tokens + 12 * cfg.N * cfg.L * cfg.D * tokens + 6 * cfg.D * cfg.V * tokens
 
 
 def bench(cfg: ModelConfig, batch_size: int, steps: int) -> dict[str, float]:
@@ -62,6 +41,7 @@ def bench(cfg: ModelConfig, batch_size: int, steps: int) -> dict[str, float]:
   graphdef, state, shardings = train.init_state(cfg, tx, c.seed, mesh)
   step_fn = train.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
                                  sharding.batch_sharding(mesh))
+  flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)
   batches = [rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32) for _ in range(4)]
   state, m = step_fn(state, batches[0])
@@ -77,7 +57,7 @@ def bench(cfg: ModelConfig, batch_size: int, steps: int) -> dict[str, float]:
   tokens = batch_size * cfg.L
   seconds = statistics.median(times)
   return {'ms_per_step': 1e3 * seconds, 'tokens_per_s': tokens / seconds,
-          'gflops': model_flops(cfg, state['params'], tokens) / seconds / 1e9}
+          'gflops': flops_per_token * tokens / seconds / 1e9}
 
 
 def seconds_to_first_step(workdir: str) -> float:
@@ -103,7 +83,7 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--configs', default='S,M')
   args = parser.parse_args()
-  ceiling = ceiling_gflops()
+  ceiling = metrics.matmul_flops_per_sec() / 1e9
   print(f'ceiling: {ceiling:.1f} GFLOP/s (float32 2048x2048 matmul, {jax.devices()[0].platform})')
   print(f'{"config":6} {"dtype":8} {"ms/step":>8} {"tokens/s":>9} {"GFLOP/s":>8} {"ceiling":>8} '
         f'{"peak RSS":>9}')

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 import time
 
 import jax
@@ -14,6 +15,28 @@ from nanodo.optimizer import PyTree
 def global_norm(tree: PyTree) -> jax.Array:
   """L2 norm over every array of a pytree, in float32."""
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def model_flops_per_token(params: PyTree, D: int, L: int, N: int, V: int) -> float:
+  """Training FLOPs of one token: 6·P + 12·N·L·D + 6·D·V, P the non-embedding parameters.
+
+  The attention term counts all L positions (causal masking not discounted).
+  """
+  P = sum(x.size for x in jax.tree.leaves(params)) - V * D - L * D
+  return 6 * P + 12 * N * L * D + 6 * D * V
+
+
+def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
+  """Median FLOP/s of a jitted float32 n x n matmul on the default device: a practical peak."""
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times)
 
 
 class Writer:

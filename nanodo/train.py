@@ -134,7 +134,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
         f'starting at step {step} of {c.opt.num_train_steps}.', flush=True)
 
   writer = metrics.Writer(c.workdir)
-  tokens_per_step = c.batch_size * cfg.L
+  peak_flops = c.peak_tflops * 1e12 or metrics.matmul_flops_per_sec() * jax.device_count()
+  log = functools.partial(
+      _log, writer, tokens_per_step=c.batch_size * cfg.L, log_every=c.log_every_steps,
+      flops_per_token=metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V),
+      peak_flops=peak_flops)
   pending, t_last = None, time.time()
   result = {}
   while step < c.opt.num_train_steps:
@@ -142,10 +146,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
     step += 1
     # The host reads the previous step's metrics while the device runs this one.
     if pending:
-      t_last = _log(writer, *pending, tokens_per_step, t_last, c.log_every_steps)
+      t_last = log(*pending, t_last)
     pending = (step, step_metrics)
     if step % c.checkpoint_every_steps == 0 or step == c.opt.num_train_steps:
-      t_last, pending = _log(writer, *pending, tokens_per_step, t_last, c.log_every_steps), None
+      t_last, pending = log(*pending, t_last), None
       mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
     if step % c.eval_every_steps == 0 or step == c.opt.num_train_steps:
@@ -161,12 +165,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   return result
 
 
-def _log(writer: metrics.Writer, step: int, step_metrics: dict[str, jax.Array],
-         tokens_per_step: int, t_last: float, log_every: int) -> float:
+def _log(writer: metrics.Writer, step: int, step_metrics: dict[str, jax.Array], t_last: float, *,
+         tokens_per_step: int, log_every: int, flops_per_token: float, peak_flops: float) -> float:
   """Writes one step's metrics (fetched from the device) and returns the current time."""
   values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   _check_finite(step, values)
   now = time.time()
   values['tokens_per_sec'] = tokens_per_step / max(now - t_last, 1e-9)
+  # Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak.
+  values['mfu'] = values['tokens_per_sec'] * flops_per_token / peak_flops
   writer.write(step, values, echo=step % log_every == 0 or step == 1)
   return now

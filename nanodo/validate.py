@@ -30,6 +30,8 @@ def check(c: ml_collections.ConfigDict) -> None:
   _require(c.model.D % c.model.H == 0, 'model.D', c.model.D,
            f'must be divisible by model.H={c.model.H}')
   _require(c.model.dtype in DTYPES, 'model.dtype', c.model.dtype, f'one of {DTYPES}')
+  _require(c.peak_tflops >= 0, 'peak_tflops', c.peak_tflops,
+           'must be >= 0 (0: measure at start-up)')
   n = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     _require(c[key] % n == 0, key, c[key], f'must be divisible by the {n} devices')

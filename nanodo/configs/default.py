@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Weight decay applies to matrices only, not to LayerNorm scales or embeddings.
   c.opt.decay_embeddings = False
 
+  # Peak TFLOP/s of all devices together, for the MFU in the logs; 0: measure a float32
+  # matmul at start-up.
+  c.peak_tflops = 0.0
   c.log_every_steps = 10
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 200

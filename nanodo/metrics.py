@@ -3,13 +3,17 @@
 import json
 import math
 import os
+import re
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from nanodo import optimizer
 from nanodo.optimizer import PyTree
+
+EMBEDDINGS = r'^(embed_VxD|pos_LxD|head_DxV)$'
 
 
 def global_norm(tree: PyTree) -> jax.Array:
@@ -22,7 +26,9 @@ def model_flops_per_token(params: PyTree, D: int, L: int, N: int, V: int) -> flo
 
   The attention term counts all L positions (causal masking not discounted).
   """
-  P = sum(x.size for x in jax.tree.leaves(params)) - V * D - L * D
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  # The output projection (tied or not) is the 6·D·V term; embedding lookups cost no FLOPs.
+  P = sum(x.size for path, x in leaves if not re.search(EMBEDDINGS, optimizer.path_str(path)))
   return 6 * P + 12 * N * L * D + 6 * D * V
 
 

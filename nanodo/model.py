@@ -6,7 +6,9 @@ Dimension key:
   T: tokens of a batch, B·L flattened (weight gradients of a 2-D matmul are far faster on CPU)
   M: attended (memory) length; in decoding, the KV cache's length (the model's L)
   D: model dimension
-  H: number of heads
+  H: number of query heads
+  G: number of key/value heads (config KV; G = H is multi-head, G = 1 multi-query)
+  R: query heads per key/value head, H // G
   K: head dimension (D // H)
   F: MLP hidden dimension
   V: vocabulary size
@@ -22,13 +24,20 @@ from flax import nnx
 # FSDP: every weight is sharded over the 'fsdp' mesh axis along one dimension.
 FSDP = 'fsdp'
 
-# Keys and values of one layer, k_BxMxHxK and v_BxMxHxK; a cache has one pair per layer.
+POSITIONS = ('learned', 'rope', 'none')
+NORMS = ('layernorm', 'rmsnorm')
+MLPS = ('gelu', 'swiglu')
+ATTENTIONS = ('einsum', 'dot_product_attention')
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'everything_saveable')
+
+# Keys and values of one layer, k_BxMxGxK and v_BxMxGxK; a cache has one pair per layer.
 LayerCache = tuple[jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hyper-parameters of the model."""
+  """Hyper-parameters of the model; the defaults are the original nanodo's."""
 
   D: int
   H: int
@@ -38,141 +47,199 @@ class ModelConfig:
   F: int
   dtype: str = 'float32'
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+  KV: int = 0  # key/value heads; 0: one per query head
+  positions: str = 'learned'
+  rope_base: float = 10_000.0
+  norm: str = 'layernorm'
+  mlp: str = 'gelu'
+  qk_norm: bool = False
+  tied: bool = True
+  attention: str = 'einsum'
+
+  @property
+  def G(self) -> int:
+    return self.KV or self.H
 
 
-def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], names: tuple[str | None, ...]) -> nnx.Param:
+def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...],
+           names: tuple[str | None, ...]) -> nnx.Param:
   """A normal-initialised weight with its partition spec (applied by the caller's jit)."""
   value = nnx.initializers.normal(stddev=std)(rngs.params(), shape)
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def _norm(cfg: ModelConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
+  """LayerNorm without bias, or RMSNorm; a float32 scale either way."""
+  if cfg.norm == 'rmsnorm':
+    return nnx.RMSNorm(dim, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+  return nnx.LayerNorm(dim, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def rope(x_BxLxHxK: jax.Array, pos_BxL: jax.Array, base: float) -> jax.Array:
+  """Rotates each pair (x_i, x_i+K/2) by the angle pos / base^(2i/K)."""
+  K = x_BxLxHxK.shape[-1]
+  freq_K2 = base ** (-jnp.arange(K // 2, dtype=jnp.float32) / (K // 2))
+  angle_BxLx1xK2 = (pos_BxL[..., None].astype(jnp.float32) * freq_K2)[:, :, None]
+  sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
+
+
 class Attention(nnx.Module):
-  """Causal multi-head self-attention."""
+  """Causal self-attention with H query heads sharing G key/value heads."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     K = cfg.D // cfg.H
     std = cfg.D**-0.5
-    self.wqkv_3xDxHxK = _param(rngs, std, (3, cfg.D, cfg.H, K), (None, FSDP, None, None))
+    self.wq_DxHxK = _param(rngs, std, (cfg.D, cfg.H, K), (FSDP, None, None))
+    self.wkv_2xDxGxK = _param(rngs, std, (2, cfg.D, cfg.G, K), (None, FSDP, None, None))
     self.wo_HxKxD = _param(rngs, std / (2 * cfg.N) ** 0.5, (cfg.H, K, cfg.D), (None, None, FSDP))
+    if cfg.qk_norm:
+      self.q_norm, self.k_norm = _norm(cfg, K, rngs), _norm(cfg, K, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array,
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+    """Attends from the tokens at pos_BxL to positions <= their own.
+
+    With a cache (decoding), the new keys and values are first written into it at pos_BxL.
+    """
     dtype = x_BxLxD.dtype
     B, L, D = x_BxLxD.shape
-    w_3xDxHxK = self.wqkv_3xDxHxK[...].astype(dtype)
-    qkv_3xTxHxK = jnp.einsum('TD,SDHK->STHK', x_BxLxD.reshape(B * L, D), w_3xDxHxK)
-    q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = qkv_3xTxHxK.reshape(3, B, L, *qkv_3xTxHxK.shape[-2:])
-    q_BxLxHxK *= q_BxLxHxK.shape[-1] ** -0.5
-    att_BxHxLxM = jnp.einsum('BLHK,BMHK->BHLM', q_BxLxHxK, k_BxMxHxK)
-    L, M = att_BxHxLxM.shape[-2:]
-    causal_LxM = jnp.tril(jnp.ones((L, M), dtype=bool))
-    # softmax in float32: bfloat16 loses the small probabilities.
-    att_BxHxLxM = jnp.where(causal_LxM, att_BxHxLxM.astype(jnp.float32), -jnp.inf)
-    att_BxHxLxM = jax.nn.softmax(att_BxHxLxM, axis=-1).astype(dtype)
-    out_TxHxK = jnp.einsum('BHLM,BMHK->BLHK', att_BxHxLxM, v_BxMxHxK).reshape(B * L, *q_BxLxHxK.shape[-2:])
-    return jnp.einsum('THK,HKD->TD', out_TxHxK, self.wo_HxKxD[...].astype(dtype)).reshape(B, L, D)
+    x_TxD = x_BxLxD.reshape(B * L, D)
+    q_BxLxHxK = jnp.einsum('TD,DHK->THK', x_TxD, self.wq_DxHxK[...].astype(dtype)).reshape(
+        B, L, self.cfg.H, -1)
+    kv_2xTxGxK = jnp.einsum('TD,SDGK->STGK', x_TxD, self.wkv_2xDxGxK[...].astype(dtype))
+    k_BxLxGxK, v_BxLxGxK = kv_2xTxGxK.reshape(2, B, L, *kv_2xTxGxK.shape[-2:])
+    if self.cfg.qk_norm:
+      q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
+    if self.cfg.positions == 'rope':
+      q_BxLxHxK = rope(q_BxLxHxK, pos_BxL, self.cfg.rope_base)
+      k_BxLxGxK = rope(k_BxLxGxK, pos_BxL, self.cfg.rope_base)
+    if cache is None:
+      k_BxMxGxK, v_BxMxGxK = k_BxLxGxK, v_BxLxGxK
+    else:
+      b_Bx1 = jnp.arange(B)[:, None]
+      k_BxMxGxK = cache[0].at[b_Bx1, pos_BxL].set(k_BxLxGxK)
+      v_BxMxGxK = cache[1].at[b_Bx1, pos_BxL].set(v_BxLxGxK)
+      cache = (k_BxMxGxK, v_BxMxGxK)
+    # Causal by position: in a cache, entries past a row's position are stale or padding.
+    visible_BxLxM = jnp.arange(k_BxMxGxK.shape[1]) <= pos_BxL[..., None]
+    out_BxLxHxK = self._attend(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_BxLxM)
+    out_TxHxK = out_BxLxHxK.reshape(B * L, *out_BxLxHxK.shape[-2:])
+    out_TxD = jnp.einsum('THK,HKD->TD', out_TxHxK, self.wo_HxKxD[...].astype(dtype))
+    return out_TxD.reshape(B, L, D), cache
 
-  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array,
-             cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-    """Writes the new tokens' keys and values at pos_BxL, then attends to positions <= their own."""
-    dtype = x_BxLxD.dtype
-    w_3xDxHxK = self.wqkv_3xDxHxK[...].astype(dtype)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = jnp.einsum('BLD,SDHK->SBLHK', x_BxLxD, w_3xDxHxK)
-    q_BxLxHxK *= q_BxLxHxK.shape[-1] ** -0.5
-    b_Bx1 = jnp.arange(x_BxLxD.shape[0])[:, None]
-    k_BxMxHxK = cache[0].at[b_Bx1, pos_BxL].set(k_BxLxHxK)
-    v_BxMxHxK = cache[1].at[b_Bx1, pos_BxL].set(v_BxLxHxK)
-    att_BxHxLxM = jnp.einsum('BLHK,BMHK->BHLM', q_BxLxHxK, k_BxMxHxK)
-    # Causal by position: entries past a row's position are stale or padding.
-    visible_BxLxM = jnp.arange(k_BxMxHxK.shape[1]) <= pos_BxL[..., None]
-    att_BxHxLxM = jnp.where(visible_BxLxM[:, None], att_BxHxLxM.astype(jnp.float32), -jnp.inf)
-    att_BxHxLxM = jax.nn.softmax(att_BxHxLxM, axis=-1).astype(dtype)
-    out_BxLxHxK = jnp.einsum('BHLM,BMHK->BLHK', att_BxHxLxM, v_BxMxHxK)
-    out_BxLxD = jnp.einsum('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD[...].astype(dtype))
-    return out_BxLxD, (k_BxMxHxK, v_BxMxHxK)
+  def _attend(self, q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array,
+              visible_BxLxM: jax.Array) -> jax.Array:
+    """Softmax attention of each query head over its key/value head's visible positions."""
+    if self.cfg.attention == 'dot_product_attention':  # picks cuDNN's fused kernel on GPUs
+      return jax.nn.dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK,
+                                          mask=visible_BxLxM[:, None])
+    dtype = q_BxLxHxK.dtype
+    B, L, H, K = q_BxLxHxK.shape
+    G = k_BxMxGxK.shape[2]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K) * K**-0.5
+    att_BxGxRxLxM = jnp.einsum('BLGRK,BMGK->BGRLM', q_BxLxGxRxK, k_BxMxGxK)
+    # softmax in float32: bfloat16 loses the small probabilities.
+    att_BxGxRxLxM = jnp.where(visible_BxLxM[:, None, None], att_BxGxRxLxM.astype(jnp.float32),
+                              -jnp.inf)
+    att_BxGxRxLxM = jax.nn.softmax(att_BxGxRxLxM, axis=-1).astype(dtype)
+    out_BxLxGxRxK = jnp.einsum('BGRLM,BMGK->BLGRK', att_BxGxRxLxM, v_BxMxGxK)
+    return out_BxLxGxRxK.reshape(B, L, H, K)
 
 
 class Mlp(nnx.Module):
-  """Position-wise feed-forward with GELU."""
+  """Position-wise feed-forward: GELU, or SwiGLU (a SiLU gate times a linear unit)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
     std = cfg.D**-0.5
-    self.wi_DxF = _param(rngs, std, (cfg.D, cfg.F), (FSDP, None))
+    if cfg.mlp == 'swiglu':
+      self.wi_2xDxF = _param(rngs, std, (2, cfg.D, cfg.F), (None, FSDP, None))
+    else:
+      self.wi_DxF = _param(rngs, std, (cfg.D, cfg.F), (FSDP, None))
     self.wo_FxD = _param(rngs, cfg.F**-0.5 / (2 * cfg.N) ** 0.5, (cfg.F, cfg.D), (FSDP, None))
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dtype = x_BxLxD.dtype
     x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    h_TxF = jax.nn.gelu(jnp.einsum('TD,DF->TF', x_TxD, self.wi_DxF[...].astype(dtype)))
+    if self.cfg.mlp == 'swiglu':
+      gate_TxF, up_TxF = jnp.einsum('TD,SDF->STF', x_TxD, self.wi_2xDxF[...].astype(dtype))
+      h_TxF = jax.nn.silu(gate_TxF) * up_TxF
+    else:
+      h_TxF = jax.nn.gelu(jnp.einsum('TD,DF->TF', x_TxD, self.wi_DxF[...].astype(dtype)))
     return jnp.einsum('TF,FD->TD', h_TxF, self.wo_FxD[...].astype(dtype)).reshape(x_BxLxD.shape)
 
 
-def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(cfg.D, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
 class Block(nnx.Module):
-  """Pre-LayerNorm decoder block."""
+  """Pre-norm decoder block."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.ln1 = _layer_norm(cfg, rngs)
+    self.ln1 = _norm(cfg, cfg.D, rngs)
     self.attn = Attention(cfg, rngs)
-    self.ln2 = _layer_norm(cfg, rngs)
+    self.ln2 = _norm(cfg, cfg.D, rngs)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    x_BxLxD = x_BxLxD + self.attn(self.ln1(x_BxLxD))
-    return x_BxLxD + self.mlp(self.ln2(x_BxLxD))
-
-  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array,
-             cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-    """The block on new tokens, reading and extending the layer's KV cache."""
-    h_BxLxD, cache = self.attn.decode(self.ln1(x_BxLxD), pos_BxL, cache)
+  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array,
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+    h_BxLxD, cache = self.attn(self.ln1(x_BxLxD), pos_BxL, cache)
     x_BxLxD = x_BxLxD + h_BxLxD
     return x_BxLxD + self.mlp(self.ln2(x_BxLxD)), cache
 
 
 class TransformerDecoder(nnx.Module):
-  """Token and learned position embedding, N blocks, tied output projection."""
+  """Token (and learned position) embedding, N blocks, output projection (tied by default)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_VxD = _param(rngs, cfg.D**-0.5, (cfg.V, cfg.D), (None, FSDP))
-    self.pos_LxD = _param(rngs, 0.02, (cfg.L, cfg.D), (None, FSDP))
+    if cfg.positions == 'learned':
+      self.pos_LxD = _param(rngs, 0.02, (cfg.L, cfg.D), (None, FSDP))
+    if not cfg.tied:
+      self.head_DxV = _param(rngs, cfg.D**-0.5, (cfg.D, cfg.V), (FSDP, None))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.N)])
-    self.ln_f = _layer_norm(cfg, rngs)
+    self.ln_f = _norm(cfg, cfg.D, rngs)
 
   def __call__(self, x_BxL: jax.Array) -> jax.Array:
-    dtype = jnp.dtype(self.cfg.dtype)
-    L = x_BxL.shape[1]
-    x_BxLxD = self.embed_VxD[...][x_BxL] + self.pos_LxD[...][:L]
-    x_BxLxD = x_BxLxD.astype(dtype)
-    block_fn = nnx.remat(Block.__call__) if self.cfg.remat else Block.__call__
+    pos_BxL = jnp.broadcast_to(jnp.arange(x_BxL.shape[1]), x_BxL.shape)
+    x_BxLxD = self._embed(x_BxL, pos_BxL)
+    block_fn = Block.__call__
+    if self.cfg.remat:
+      block_fn = nnx.remat(block_fn, policy=getattr(jax.checkpoint_policies, self.cfg.remat_policy))
     for block in self.blocks:
-      x_BxLxD = block_fn(block, x_BxLxD)
+      x_BxLxD, _ = block_fn(block, x_BxLxD, pos_BxL)
     return self._logits(x_BxLxD)
 
   def decode(self, x_BxL: jax.Array, pos_BxL: jax.Array,
              cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
     """Logits of new tokens at positions pos_BxL (each below cfg.L); the cache extended by them."""
-    x_BxLxD = self.embed_VxD[...][x_BxL] + self.pos_LxD[...][pos_BxL]
-    x_BxLxD = x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
+    x_BxLxD = self._embed(x_BxL, pos_BxL)
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache, strict=True):
-      x_BxLxD, layer_cache = block.decode(x_BxLxD, pos_BxL, layer_cache)
+      x_BxLxD, layer_cache = block(x_BxLxD, pos_BxL, layer_cache)
       new_cache.append(layer_cache)
     return self._logits(x_BxLxD), new_cache
 
+  def _embed(self, x_BxL: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = self.embed_VxD[...][x_BxL]
+    if self.cfg.positions == 'learned':
+      x_BxLxD += self.pos_LxD[...][pos_BxL]
+    return x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
+
   def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Final LayerNorm and the tied output projection."""
+    """Final norm and the output projection."""
     x_BxLxD = self.ln_f(x_BxLxD)
     # logits in float32: the loss needs the precision.
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D).astype(jnp.float32)
-    return jnp.einsum('TD,VD->TV', x_TxD, self.embed_VxD[...]).reshape(B, L, -1)
+    if self.cfg.tied:
+      return jnp.einsum('TD,VD->TV', x_TxD, self.embed_VxD[...]).reshape(B, L, -1)
+    return jnp.einsum('TD,DV->TV', x_TxD, self.head_DxV[...]).reshape(B, L, -1)
 
 
 def init_cache(cfg: ModelConfig, B: int) -> list[LayerCache]:
   """An empty KV cache of every layer for B sequences of up to L tokens."""
-  shape = (B, cfg.L, cfg.H, cfg.D // cfg.H)
+  shape = (B, cfg.L, cfg.G, cfg.D // cfg.H)
   return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.N)]

@@ -1,48 +1,112 @@
-"""Optax chain: clipping, AdamW with a masked weight decay, learning-rate schedule."""
+"""Optax chain: clipping, the optimizer, learning-rate schedule and multipliers, weight decay mask.
 
+Parameters are selected by their path, e.g. 'blocks/0/attn/wq_DxHxK', with regular expressions.
+"""
+
+import re
 from typing import Any
 
 import jax
 import ml_collections
 import optax
 
-OPTIMIZERS = ('adamw',)
-SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
+OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
+SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant', 'wsd')
 PyTree = Any  # a nested structure of arrays
 
 
 def get_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from init_learning_rate, then decay_type down to final_learning_rate."""
+  """Linear warmup from init_learning_rate, then decay_type down to final_learning_rate.
+
+  'wsd' (warmup-stable-decay) holds the peak, then decays linearly over the last
+  wsd_decay_fraction of the steps.
+  """
   warmup = optax.linear_schedule(o.init_learning_rate, o.peak_learning_rate, o.warmup_steps)
   decay_steps = max(o.num_train_steps - o.warmup_steps, 1)
+  peak, final = o.peak_learning_rate, o.final_learning_rate
   if o.decay_type == 'cosine':
-    decay = optax.cosine_decay_schedule(
-        o.peak_learning_rate, decay_steps, alpha=o.final_learning_rate / o.peak_learning_rate)
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=final / peak)
   elif o.decay_type == 'linear':
-    decay = optax.linear_schedule(o.peak_learning_rate, o.final_learning_rate, decay_steps)
+    decay = optax.linear_schedule(peak, final, decay_steps)
   elif o.decay_type == 'rsqrt':
-    decay = lambda t: o.peak_learning_rate * (max(o.warmup_steps, 1) / (t + max(o.warmup_steps, 1))) ** 0.5
+    decay = lambda t: peak * (max(o.warmup_steps, 1) / (t + max(o.warmup_steps, 1))) ** 0.5
   elif o.decay_type == 'constant':
-    decay = optax.constant_schedule(o.peak_learning_rate)
+    decay = optax.constant_schedule(peak)
+  elif o.decay_type == 'wsd':
+    cooldown = round(o.wsd_decay_fraction * decay_steps)
+    decay = optax.join_schedules(
+        [optax.constant_schedule(peak), optax.linear_schedule(peak, final, cooldown)],
+        [decay_steps - cooldown])
   else:
     raise ValueError(f'opt.decay_type={o.decay_type!r} is not valid; valid: {SCHEDULES}.')
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
 
 
-def decay_mask(params: PyTree, decay_embeddings: bool) -> PyTree:
-  """True for the weights that weight decay applies to: matrices, embeddings if asked."""
-  def decays(path: tuple, p: jax.Array) -> bool:
-    is_embedding = any('embed' in str(k) or 'pos' in str(k) for k in path)
-    return p.ndim > 1 and (decay_embeddings or not is_embedding)
-  return jax.tree_util.tree_map_with_path(decays, params)
+def path_str(path: tuple) -> str:
+  """'blocks/0/attn/wq_DxHxK' for a parameter's tree path."""
+  return jax.tree_util.keystr(path, simple=True, separator='/').removesuffix('/value')
+
+
+def decay_mask(params: PyTree, exclude: str) -> PyTree:
+  """True for the matrices weight decay applies to: not vectors, not paths matching exclude."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and not (exclude and re.search(exclude, path_str(path))), params)
+
+
+def parse_multipliers(spec: str) -> list[tuple[str, float]]:
+  """'embed=0.5,blocks/0/=2' -> [('embed', 0.5), ('blocks/0/', 2.0)]."""
+  pairs = [item.rsplit('=', 1) for item in spec.split(',') if item.strip()]
+  return [(pattern.strip(), float(value)) for pattern, value in pairs]
+
+
+def scale_by_path(spec: str) -> optax.GradientTransformation:
+  """Multiplies each update by the multiplier of the first pattern its path matches (else 1)."""
+  rules = parse_multipliers(spec)
+
+  def multiplier(path: tuple) -> float:
+    return next((m for pattern, m in rules if re.search(pattern, path_str(path))), 1.0)
+
+  return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
+      lambda path, u: u * multiplier(path), updates))
+
+
+def muon_dims(params: PyTree) -> PyTree:
+  """How Muon sees each block weight as a matrix, read from its shape-suffixed name; None: AdamW.
+
+  Leading stacked dimensions (wkv_2x..) are batch; a weight that writes the residual stream
+  (..xD) reduces over its other dimensions, the others reduce over D.
+  """
+  def dims(path: tuple, p: jax.Array) -> optax.contrib.MuonDimensionNumbers | None:
+    name = path_str(path).split('/')[-1]
+    if not path_str(path).startswith('blocks/') or p.ndim < 2:
+      return None
+    axes = name.split('_')[-1].split('x')
+    named = [i for i, a in enumerate(axes) if not a.isdigit()]
+    if axes[-1] == 'D':
+      return optax.contrib.MuonDimensionNumbers(tuple(named[:-1]), named[-1])
+    d = axes.index('D')
+    return optax.contrib.MuonDimensionNumbers(d, tuple(i for i in named if i != d))
+  return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def get_optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimizer named by opt.optimizer, behind global-norm clipping."""
-  if o.optimizer != 'adamw':
+  schedule = get_schedule(o)
+  mask = lambda params: decay_mask(params, o.weight_decay_exclude)
+  if o.optimizer == 'adamw':
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                     mask=mask)
+  elif o.optimizer == 'lion':
+    tx = optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
+  elif o.optimizer == 'adafactor':
+    # Optax's Adafactor decays by a fixed rate per step: AdamW's decay at the peak learning rate.
+    tx = optax.adafactor(schedule, weight_decay_rate=o.weight_decay * o.peak_learning_rate or None,
+                         weight_decay_mask=mask)
+  elif o.optimizer == 'muon':
+    tx = optax.contrib.muon(schedule, beta=o.b1, weight_decay=o.weight_decay,
+                            weight_decay_mask=mask, adam_b1=o.b1, adam_b2=o.b2,
+                            muon_weight_dimension_numbers=muon_dims)
+  else:
     raise ValueError(f'opt.optimizer={o.optimizer!r} is not valid; valid: {OPTIMIZERS}.')
-  adamw = optax.adamw(
-      get_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-      mask=lambda params: decay_mask(params, o.decay_embeddings))
   clip = optax.clip_by_global_norm(o.clip_by_global_norm) if o.clip_by_global_norm else optax.identity()
-  return optax.chain(clip, adamw)
+  return optax.chain(clip, tx, scale_by_path(o.lr_multipliers))

@@ -2,7 +2,8 @@
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nanodo.model import FSDP
 from nanodo.optimizer import PyTree
@@ -19,7 +20,12 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def _fits(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
-  """The spec, or replication where a sharded dimension does not divide the axis size."""
+  """The spec, or replication where a sharded dimension does not divide the axis size.
+
+  A state of another rank than its parameter (Adafactor's factored moments) is replicated.
+  """
+  if len(spec) != len(shape):
+    return P()
   return P(*(None if name and shape[i] % mesh.shape[name] else name for i, name in enumerate(spec)))
 
 
@@ -27,8 +33,11 @@ def state_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   """Shardings of a train state: declared specs for parameters, replicated scalars.
 
   Optimizer moments mirror the parameters (same tree paths), so they inherit their specs.
+  Specs are matched by path: masked-out moments (Optax's MaskedNode) hold no array.
   """
-  specs = nnx.get_partition_spec(abstract_state)
-  return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, _fits(spec, x.shape, mesh) if x.ndim else P()),
-      specs, abstract_state, is_leaf=lambda x: isinstance(x, P))
+  is_spec = lambda x: isinstance(x, P)
+  specs = dict(jax.tree_util.tree_flatten_with_path(
+      nnx.get_partition_spec(abstract_state), is_leaf=is_spec)[0])
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, _fits(specs[path], x.shape, mesh) if x.ndim else P()),
+      abstract_state)

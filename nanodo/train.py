@@ -22,23 +22,41 @@ from nanodo.optimizer import PyTree
 TOKENIZER_FILE = 'tokenizer.model'
 
 
-def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy over non-padding targets."""
+def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array, label_smoothing: float = 0.0,
+            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The training objective and its parts, each a mean over non-padding targets.
+
+  'loss' is always the plain next-token cross-entropy, so curves stay comparable; label smoothing
+  and the z-loss (on the log-normalizer) are reported on their own when on.
+  """
   x_BxL, y_BxL, weights_BxL = evaluate.get_in_out(in_BxL)
   logits_BxLxV = nnx.merge(graphdef, params)(x_BxL)
-  nll_BxL = evaluate.token_nll(logits_BxLxV, y_BxL)
-  return jnp.sum(nll_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  mean = lambda v_BxL: jnp.sum(v_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+  parts = {'loss': mean(logz_BxL - jnp.take_along_axis(logits_BxLxV, y_BxL[..., None], -1)[..., 0])}
+  objective = parts['loss']
+  if label_smoothing:
+    # Cross-entropy against (1 - s) on the target plus s spread uniformly over the vocabulary.
+    parts['smoothed_loss'] = (1 - label_smoothing) * parts['loss'] + label_smoothing * mean(
+        logz_BxL - jnp.mean(logits_BxLxV, axis=-1))
+    objective = parts['smoothed_loss']
+  if z_loss:
+    parts['z_loss'] = z_loss * mean(jnp.square(logz_BxL))
+    objective += parts['z_loss']
+  return objective, parts
 
 
 def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[PyTree, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               label_smoothing: float = 0.0,
+               z_loss: float = 0.0) -> tuple[PyTree, dict[str, jax.Array]]:
   """One optimizer update: new state and the step's metrics."""
-  loss, grads = jax.value_and_grad(loss_fn)(state['params'], graphdef, in_BxL)
+  (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state['params'], graphdef, in_BxL, label_smoothing, z_loss)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   step_metrics = {
-      'loss': loss,
+      **parts,
       'learning_rate': schedule(state['step']),
       'grad_norm': metrics.global_norm(grads),
       'update_norm': metrics.global_norm(updates),
@@ -49,9 +67,12 @@ def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
 
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, shardings: PyTree,
-                   batch_sharding: jax.sharding.Sharding) -> Callable:
+                   batch_sharding: jax.sharding.Sharding, label_smoothing: float = 0.0,
+                   z_loss: float = 0.0) -> Callable:
   """train_step jitted once, with the state's shardings and its buffers donated."""
-  return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule),
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                           label_smoothing=label_smoothing, z_loss=z_loss)
+  return jax.jit(step,
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                  donate_argnums=0)
 
@@ -118,7 +139,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
 
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = init_state(cfg, tx, c.seed, mesh)
-  step_fn = jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding)
+  step_fn = jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding,
+                           c.label_smoothing, c.z_loss)
 
   data_iter = iter(data.train_dataset(data.encode(sp, train_docs), cfg.L, c.batch_size, c.seed))
   eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)

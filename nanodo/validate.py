@@ -1,9 +1,11 @@
 """Checks a config before any compile or write; errors name the key, value and what is valid."""
 
+import re
+
 import jax
 import ml_collections
 
-from nanodo import data, optimizer, tokenizer
+from nanodo import data, model, optimizer, tokenizer
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -30,6 +32,17 @@ def check(c: ml_collections.ConfigDict) -> None:
   _require(c.model.D % c.model.H == 0, 'model.D', c.model.D,
            f'must be divisible by model.H={c.model.H}')
   _require(c.model.dtype in DTYPES, 'model.dtype', c.model.dtype, f'one of {DTYPES}')
+  m = c.model
+  for key, valid in (('positions', model.POSITIONS), ('norm', model.NORMS), ('mlp', model.MLPS),
+                     ('attention', model.ATTENTIONS), ('remat_policy', model.REMAT_POLICIES)):
+    _require(m[key] in valid, f'model.{key}', m[key], f'one of {valid}')
+  _require(isinstance(m.KV, int) and m.KV >= 0 and (m.KV == 0 or m.H % m.KV == 0), 'model.KV',
+           m.KV, f'must divide model.H={m.H} (0: one key/value head per query head)')
+  _require(m.positions != 'rope' or (m.D // m.H) % 2 == 0, 'model.positions', m.positions,
+           f'rope needs an even head dimension, model.D // model.H = {m.D // m.H}')
+  _require(m.rope_base > 0, 'model.rope_base', m.rope_base, 'must be > 0')
+  _require(0 <= c.label_smoothing < 1, 'label_smoothing', c.label_smoothing, 'must be in [0, 1)')
+  _require(c.z_loss >= 0, 'z_loss', c.z_loss, 'must be >= 0')
   _require(c.peak_tflops >= 0, 'peak_tflops', c.peak_tflops,
            'must be >= 0 (0: measure at start-up)')
   n = jax.device_count()
@@ -55,5 +68,17 @@ def check(c: ml_collections.ConfigDict) -> None:
   _require(o.peak_learning_rate > 0, 'opt.peak_learning_rate', o.peak_learning_rate, 'must be > 0')
   for key in ('init_learning_rate', 'final_learning_rate', 'weight_decay', 'eps'):
     _require(o[key] >= 0, f'opt.{key}', o[key], 'must be >= 0')
+  _require(0 <= o.wsd_decay_fraction <= 1, 'opt.wsd_decay_fraction', o.wsd_decay_fraction,
+           'must be in [0, 1]')
+  try:
+    re.compile(o.weight_decay_exclude)
+  except re.error as e:
+    raise ConfigError(f'opt.weight_decay_exclude={o.weight_decay_exclude!r} is not valid: '
+                      f'not a regular expression ({e}).') from None
+  try:
+    [re.compile(pattern) for pattern, _ in optimizer.parse_multipliers(o.lr_multipliers)]
+  except (ValueError, re.error):
+    raise ConfigError(f'opt.lr_multipliers={o.lr_multipliers!r} is not valid: give '
+                      "'regex=number,...', e.g. 'embed=0.5,blocks/0/=2'.") from None
   for key in ('b1', 'b2'):
     _require(0 <= o[key] < 1, f'opt.{key}', o[key], 'must be in [0, 1)')

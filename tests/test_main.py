@@ -69,13 +69,20 @@ def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
     ('--config.model.N=-1', 'model.N=-1 is not valid: must be a positive integer'),
     ('--config.ds_name=lm2b', "ds_name='lm2b' is not valid: one of ['shakespeare']"),
     ('--config.vocab_path=/no/such.model', "vocab_path='/no/such.model' is not a readable"),
-    ('--config.opt.optimizer=sgdx', "opt.optimizer='sgdx' is not valid: one of ('adamw',)"),
+    ('--config.opt.optimizer=sgdx',
+     "opt.optimizer='sgdx' is not valid: one of ('adamw', 'lion', 'adafactor', 'muon')"),
     ('--config.opt.decay_type=cosinus', "opt.decay_type='cosinus' is not valid: one of"),
     ('--config.model.dtype=float8', "model.dtype='float8' is not valid: one of"),
+    ('--config.model.KV=3', 'model.KV=3 is not valid: must divide model.H=2'),
+    ('--config.model.positions=alibi', "model.positions='alibi' is not valid: one of ('learned',"),
+    ('--config.model.mlp=relu', "model.mlp='relu' is not valid: one of ('gelu', 'swiglu')"),
+    ('--config.model.positions=rope --config.model.D=6 --config.model.H=2',
+     "model.positions='rope' is not valid: rope needs an even head dimension"),
+    ('--config.opt.lr_multipliers=embed', "opt.lr_multipliers='embed' is not valid: give"),
 ])
 def test_bad_input_fails_fast_with_one_clear_line_and_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / 'run'
-  out = _cli(f'--config.workdir={workdir}', override, cwd=str(tmp_path))
+  out = _cli(f'--config.workdir={workdir}', *override.split(), cwd=str(tmp_path))
   assert out.returncode != 0
   assert message in out.stderr
   assert 'Traceback' not in out.stderr

@@ -62,15 +62,15 @@ def test_padding_targets_carry_no_loss(tmp_path):
   graphdef = train.init_state(cfg, optimizer.get_optimizer(c.opt), c.seed, sharding.make_mesh())[0]
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
   padded_BxL = x_BxL.at[:, 10:].set(0)
-  loss = train.loss_fn(state['params'], graphdef, padded_BxL)
+  loss, _ = train.loss_fn(state['params'], graphdef, padded_BxL)
   other_BxL = padded_BxL.at[:, 12:].set(0)  # changes nothing that is a target
-  assert float(loss) == pytest.approx(float(train.loss_fn(state['params'], graphdef, other_BxL)))
+  assert float(loss) == pytest.approx(float(train.loss_fn(state['params'], graphdef, other_BxL)[0]))
 
 
 def test_weight_decay_skips_embeddings_and_scales(tmp_path):
   c = tiny_config(str(tmp_path))
   state, _ = _step_fn(c, tiny_model_config())
-  mask = optimizer.decay_mask(state['params'], decay_embeddings=False)
+  mask = optimizer.decay_mask(state['params'], c.opt.weight_decay_exclude)
   flat = {jax.tree_util.keystr(path, simple=True, separator='/'): v
           for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert flat['embed_VxD/value'] is False and flat['pos_LxD/value'] is False

@@ -24,10 +24,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.F = 512
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators.
   c.model.remat = False
+  # What a remat'ed block keeps for the backward pass: a jax.checkpoint_policies name.
+  c.model.remat_policy = 'nothing_saveable'
+  # Options beyond the original; the defaults are the original's architecture.
+  c.model.positions = 'learned'  # 'learned' | 'rope' | 'none'
+  c.model.rope_base = 10_000.0
+  c.model.norm = 'layernorm'  # 'layernorm' (no bias) | 'rmsnorm'
+  c.model.mlp = 'gelu'  # 'gelu' | 'swiglu'
+  c.model.qk_norm = False  # normalise queries and keys per head
+  c.model.KV = 0  # key/value heads, dividing H (1: multi-query); 0: H (multi-head)
+  c.model.tied = True  # output projection shares the input embedding
+  c.model.attention = 'einsum'  # 'einsum' | 'dot_product_attention' (cuDNN on GPUs)
+
+  # Training loss extras, off by default; logged apart from the plain cross-entropy 'loss'.
+  c.label_smoothing = 0.0
+  c.z_loss = 0.0  # weight of the squared log-normalizer
 
   c.opt = ml_collections.ConfigDict()
-  c.opt.optimizer = 'adamw'
-  c.opt.num_train_steps = 1300
+  c.opt.optimizer = 'adamw'  # 'adamw' | 'lion' | 'adafactor' | 'muon' (+ AdamW off matrices)
+  c.opt.num_train_steps = 1100
   c.opt.peak_learning_rate = 5e-3
   c.opt.init_learning_rate = 0.0
   c.opt.final_learning_rate = 3e-4
@@ -38,8 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.b2 = 0.95
   c.opt.eps = 1e-8
   c.opt.clip_by_global_norm = 1.0
-  # Weight decay applies to matrices only, not to LayerNorm scales or embeddings.
-  c.opt.decay_embeddings = False
+  # Weight decay applies to matrices (never to norm scales) whose path does not match this
+  # regular expression; paths look like 'blocks/0/attn/wq_DxHxK', 'embed_VxD'.
+  c.opt.weight_decay_exclude = 'embed_|pos_'
+  # Per-parameter learning-rate multipliers: 'regex=multiplier,...', first match wins.
+  c.opt.lr_multipliers = ''
+  # decay_type 'wsd': the fraction of the post-warmup steps spent decaying.
+  c.opt.wsd_decay_fraction = 0.2
 
   # Peak TFLOP/s of all devices together, for the MFU in the logs; 0: measure a float32
   # matmul at start-up.

@@ -108,5 +108,7 @@ def get_optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
                             muon_weight_dimension_numbers=muon_dims)
   else:
     raise ValueError(f'opt.optimizer={o.optimizer!r} is not valid; valid: {OPTIMIZERS}.')
-  clip = optax.clip_by_global_norm(o.clip_by_global_norm) if o.clip_by_global_norm else optax.identity()
+  clip = optax.identity()
+  if o.clip_by_global_norm:
+    clip = optax.clip_by_global_norm(o.clip_by_global_norm)
   return optax.chain(clip, tx, scale_by_path(o.lr_multipliers))

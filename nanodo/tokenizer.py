@@ -20,7 +20,8 @@ def load(path: str) -> spm.SentencePieceProcessor:
   if sp.bos_id() < 0 or sp.eos_id() < 0:
     raise ValueError(f'vocab_path={path!r} has no BOS or EOS piece; both are needed.')
   if sp.pad_id() not in (PAD_ID, -1) or PAD_ID in (sp.bos_id(), sp.eos_id()):
-    raise ValueError(f'vocab_path={path!r} must keep id {PAD_ID} for padding (pad_id={sp.pad_id()}).')
+    raise ValueError(
+        f'vocab_path={path!r} must keep id {PAD_ID} for padding (pad_id={sp.pad_id()}).')
   return sp
 
 

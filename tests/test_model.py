@@ -49,7 +49,8 @@ def test_input_and_output_embedding_are_one_array():
   # Token 5 never appears in x, yet its row of the table moves its logit: the output uses it.
   x_BxL = jnp.zeros((1, cfg.L), jnp.int32)
   before = model(x_BxL)
-  model.embed_VxD[...] = model.embed_VxD[...].at[5].set(jax.random.normal(jax.random.key(2), (cfg.D,)))
+  new_row_D = jax.random.normal(jax.random.key(2), (cfg.D,))
+  model.embed_VxD[...] = model.embed_VxD[...].at[5].set(new_row_D)
   after = model(x_BxL)
   assert not np.allclose(before[..., 5], after[..., 5])
   np.testing.assert_array_equal(np.delete(before, 5, -1), np.delete(after, 5, -1))

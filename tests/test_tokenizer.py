@@ -15,7 +15,8 @@ def test_shipped_tokenizer_round_trips_text_byte_for_byte():
 
 
 def test_trained_tokenizer_round_trips(tmp_path):
-  texts = ['the quick brown fox jumps over the lazy dog  \n' * 20, 'Pack my box with five dozen liquor jugs.\n'] * 5
+  texts = ['the quick brown fox jumps over the lazy dog  \n' * 20,
+           'Pack my box with five dozen liquor jugs.\n'] * 5
   sp = tokenizer.train(texts, 300, str(tmp_path / 'sp.model'))
   assert sp.vocab_size() == 300
   assert sp.decode(sp.encode(TEXT)) == TEXT  # Unseen characters go through byte pieces.

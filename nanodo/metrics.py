@@ -38,9 +38,9 @@ def tree_stats(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     name = optimizer.path_str(path).split('__call__')[0].strip('/') or 'output'
     x = x.astype(jnp.float32)
-    mean, ms = jnp.mean(x), jnp.mean(jnp.square(x))
-    stats |= {f'{prefix}/{name}/rms': jnp.sqrt(ms), f'{prefix}/{name}/mean': mean,
-              f'{prefix}/{name}/std': jnp.sqrt(jnp.maximum(ms - jnp.square(mean), 0.0))}
+    # std in two passes: rms² - mean² cancels for values far from 0 (LayerNorm scales near 1).
+    stats |= {f'{prefix}/{name}/rms': jnp.sqrt(jnp.mean(jnp.square(x))),
+              f'{prefix}/{name}/mean': jnp.mean(x), f'{prefix}/{name}/std': jnp.std(x)}
   return stats
 
 

@@ -43,9 +43,9 @@ def workdir(tmp_path) -> str:
 
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory) -> str:
-  """A finished 6-step run: checkpoints at 3 and 6, steps 2-3 profiled, W&B not importable."""
+  """A finished 6-step run: checkpoints at 3 and 6, per-layer statistics, steps 2-3 profiled."""
   workdir = str(tmp_path_factory.mktemp('tiny') / 'run')
   with pytest.MonkeyPatch.context() as mp:
-    mp.setitem(sys.modules, 'wandb', None)  # `import wandb` fails: the run must not need it.
-    train.train_and_evaluate(tiny_config(workdir, profile_steps=2))
+    mp.setitem(sys.modules, 'wandb', None)  # `import wandb` fails: W&B is off by default.
+    train.train_and_evaluate(tiny_config(workdir, profile_steps=2, log_internal_metrics=True))
   return workdir

@@ -1,6 +1,5 @@
 """Metrics: JSON lines, TensorBoard, W&B, hyper-parameters, per-layer statistics, profiles."""
 
-import functools
 import glob
 import json
 import os
@@ -12,7 +11,7 @@ import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import metrics, optimizer, sharding, train, validate
+from nanodo import metrics, optimizer, sample, train, validate
 from nanodo.model import TransformerDecoder
 
 TRAIN_KEYS = {'loss', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm', 'tokens_per_sec',
@@ -29,7 +28,8 @@ def test_jsonl_has_one_object_per_step_and_one_per_evaluation(tiny_run):
   rows = _rows(tiny_run)
   train_rows = [r for r in rows if 'loss' in r]
   assert [r['step'] for r in train_rows] == [1, 2, 3, 4, 5, 6]
-  assert all(set(r) == {'step', 'time', *TRAIN_KEYS} for r in train_rows)
+  assert all({k for k in r if '/' not in k} == {'step', 'time', *TRAIN_KEYS} for r in train_rows)
+  assert all(set(r) == set(train_rows[0]) for r in train_rows)  # per-layer keys in every row
   eval_rows = [r for r in rows if 'eval_loss' in r]
   assert [r['step'] for r in eval_rows] == [6]
   assert set(eval_rows[0]) == {'step', 'time', *EVAL_KEYS}
@@ -40,8 +40,9 @@ def test_tensorboard_events_read_back_equal_the_jsonl(tiny_run):
   event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
   events = event_accumulator.EventAccumulator(tiny_run, size_guidance={'scalars': 0, 'tensors': 0})
   events.Reload()
-  assert set(events.Tags()['scalars']) == TRAIN_KEYS | EVAL_KEYS
-  for key in ('loss', 'grad_norm', 'eval_bits_per_byte'):
+  logged_keys = {k for r in _rows(tiny_run) for k in r} - {'step', 'time'}
+  assert set(events.Tags()['scalars']) == logged_keys
+  for key in ('loss', 'grad_norm', 'eval_bits_per_byte', 'act/blocks/0/mlp/rms'):
     logged = {r['step']: r[key] for r in _rows(tiny_run) if key in r}
     read = {e.step: e.value for e in events.Scalars(key)}
     assert read == pytest.approx(logged, rel=1e-6)
@@ -65,29 +66,33 @@ def test_profile_steps_write_a_trace_to_the_workdir(tiny_run):
   assert glob.glob(os.path.join(tiny_run, 'plugins', 'profile', '*', '*.xplane.pb'))
 
 
-def test_per_layer_statistics_when_switched_on(tmp_path):
-  c = tiny_config(str(tmp_path))
-  c.opt.init_learning_rate = 1e-3
+def test_per_layer_statistics_of_a_run_match_its_checkpoint(tiny_run):
+  [last] = [r for r in _rows(tiny_run) if r['step'] == 6 and 'loss' in r]
+  params = sample.load(tiny_run, 6).params
+  for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    name, x = optimizer.path_str(path), np.asarray(x, np.float64)
+    assert last[f'params/{name}/rms'] == pytest.approx(np.sqrt(np.mean(x**2)), rel=1e-5), name
+    assert last[f'params/{name}/mean'] == pytest.approx(x.mean(), rel=1e-4, abs=1e-7), name
+    assert last[f'params/{name}/std'] == pytest.approx(x.std(), rel=1e-4), name
+    for prefix in ('grads', 'updates'):
+      assert {f'{prefix}/{name}/{k}' for k in ('rms', 'mean', 'std')} <= set(last), (prefix, name)
+  for name in ('blocks/0/attn', 'blocks/0/mlp', 'blocks/1/ln2', 'blocks/1', 'ln_f', 'output'):
+    assert {f'act/{name}/{k}' for k in ('rms', 'mean', 'std')} <= set(last), name
+  assert all(np.isfinite(v) for v in last.values())
+
+
+def test_activation_statistics_leave_the_loss_unchanged():
   cfg = tiny_model_config()
-  tx = optimizer.get_optimizer(c.opt)
-  graphdef, state, _ = train.init_state(cfg, tx, c.seed, sharding.make_mesh())
-  x_BxL = jax.random.randint(jax.random.key(0), (4, cfg.L), 1, cfg.V)
-  logits = np.asarray(nnx.merge(graphdef, state['params'])(x_BxL))
-  loss, _ = train.loss_fn(state['params'], graphdef, x_BxL)
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                                   schedule=optimizer.get_schedule(c.opt), layer_stats=True))
-  state, s = step(state, x_BxL)
-  assert float(s['loss']) == pytest.approx(float(loss), rel=1e-6)
-  assert float(s['act/output/mean']) == pytest.approx(logits.mean(), rel=1e-4, abs=1e-6)
-  wi = np.asarray(jax.device_get(state['params'])['blocks'][0]['mlp']['wi_DxF'][...])
-  assert float(s['params/blocks/0/mlp/wi_DxF/rms']) == pytest.approx(np.sqrt(np.mean(wi**2)), 1e-5)
-  assert float(s['params/blocks/0/mlp/wi_DxF/std']) == pytest.approx(wi.std(), rel=1e-4)
-  for prefix in ('grads', 'updates', 'params'):
-    for name in ('embed_VxD', 'pos_LxD', 'blocks/1/attn/wkv_2xDxGxK', 'ln_f/scale'):
-      assert {f'{prefix}/{name}/{k}' for k in ('rms', 'mean', 'std')} <= set(s), (prefix, name)
-  for name in ('blocks/0/attn', 'blocks/0/mlp', 'blocks/1/ln2', 'blocks/1', 'ln_f'):
-    assert f'act/{name}/rms' in s, name
-  assert all(np.isfinite(v) for v in jax.device_get(s).values())
+  graphdef, params = nnx.split(TransformerDecoder(cfg, nnx.Rngs(0)))
+  x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
+  forward = jax.jit(train.loss_fn, static_argnames=('graphdef', 'layer_stats'))
+  loss, parts = forward(params, graphdef=graphdef, in_BxL=x_BxL)
+  with_stats, stats = forward(params, graphdef=graphdef, in_BxL=x_BxL, layer_stats=True)
+  assert set(parts) == {'loss'}
+  assert float(with_stats) == pytest.approx(float(loss), rel=1e-6)
+  logits = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x_BxL), np.float64)
+  assert float(stats['act/output/rms']) == pytest.approx(np.sqrt(np.mean(logits**2)), rel=1e-4)
+  assert float(stats['act/output/std']) == pytest.approx(logits.std(), rel=1e-4)
 
 
 def test_count_of_embedding_and_other_parameters():

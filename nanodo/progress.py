@@ -84,7 +84,8 @@ class Progress:
     if not p.every or not (first or done % p.every == 0 or done == p.total):
       return
     rate = (done - p.first[0]) / (now - p.first[1]) if done > p.first[0] else 0.0
-    parts = [f'{p.name} {done:>6}/{p.total}', text, f'elapsed {_duration(now - p.start_time)}',
+    count = f'{done:>{len(str(p.total))}}/{p.total}'
+    parts = [f'{p.name} {count}', text, f'elapsed {_duration(now - p.start_time)}',
              f'eta {_duration((p.total - done) / rate)}' if rate else '']
     self.log(' | '.join(filter(None, parts)))
 

@@ -240,25 +240,21 @@ def sample(model: Model, prompts: list[str], *, max_new_tokens: int, sampling: S
   run = functools.partial(generate, model.graphdef, model.params, max_new_tokens=max_new_tokens,
                           sampling=sampling, eos_id=model.sp.eos_id(), on_token=printer)
   task = progress.add('sample', len(rows), every=1) if progress else None
-  start, tokens = time.time(), 0
   if printer is None:
     out_BxN = np.asarray(run(prompt_BxP, length_B, keys_B))
-    _show(progress, task, len(rows), np.sum(out_BxN != tokenizer.PAD_ID), start)
+    if progress:
+      progress.update(task, len(rows), {'tokens': np.sum(out_BxN != tokenizer.PAD_ID)})
     return [to_text(model.sp, ids) for ids in out_BxN.tolist()]
-  texts = []
+  texts, tokens, first = [], [], 0.0
   for b, prompt in enumerate(rows):
     printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', prompt)
     ids = np.asarray(run(prompt_BxP[b:b + 1], length_B[b:b + 1], keys_B[b:b + 1]))[0]
     texts.append(to_text(model.sp, ids.tolist()))
     printer.end(texts[-1])
-    tokens += np.sum(ids != tokenizer.PAD_ID)
-    _show(progress, task, b + 1, tokens, start)
+    tokens.append(np.sum(ids != tokenizer.PAD_ID))
+    if progress:
+      # The rate of the rows after the first, whose time includes compiling.
+      first = first or time.time()
+      rate = {'tokens_per_sec': sum(tokens[1:]) / (time.time() - first)} if b else {}
+      progress.update(task, b + 1, {'tokens': sum(tokens), **rate})
   return texts
-
-
-def _show(progress: Progress | None, task: int | None, done: int, tokens: int,
-          start: float) -> None:
-  """Shows the samples done, their new tokens and the tokens per second since start."""
-  if progress is not None:
-    progress.update(task, done,
-                    {'tokens': tokens, 'tokens_per_sec': tokens / (time.time() - start)})

@@ -26,7 +26,7 @@ def test_plain_lines_off_a_terminal_at_the_first_update_every_n_steps_and_the_en
   lines = out.getvalue().splitlines()
   shown = [int(re.match(r'step +(\d+)/12 \| ', line).group(1)) for line in lines[:-1]]
   assert shown == [3, 5, 10, 12]
-  assert lines[1].startswith('step      5/12 | loss 2 | tokens_per_sec 1234 | elapsed 0m00s | eta ')
+  assert lines[1].startswith('step  5/12 | loss 2 | tokens_per_sec 1234 | elapsed 0m00s | eta ')
   assert lines[-1] == 'eval at step 12 | loss 0.5'
   assert '\x1b' not in out.getvalue() and '\r' not in out.getvalue()
 

@@ -61,8 +61,8 @@ def _names(workdirs: list[str]) -> list[str]:
 
 
 def _smooth(v: np.ndarray) -> np.ndarray:
-  """Debiased exponential moving average over about a hundredth of the points."""
-  weight = 1 - 1 / max(1.0, len(v) / 100)
+  """Debiased exponential moving average over about a fiftieth of the points."""
+  weight = 1 - 1 / max(1.0, len(v) / 50)
   out, acc = np.empty(len(v)), 0.0
   for i, x in enumerate(v):
     acc = weight * acc + (1 - weight) * x
@@ -88,21 +88,26 @@ def plot(workdirs: list[str], out: str) -> None:
     bpb_steps, bpb = run.get('eval_bits_per_byte')
     axes[0, 2].plot(bpb_steps * run.tokens_per_step, bpb, color=color, linestyle='--', marker='o')
     axes[1, 0].plot(*run.get('learning_rate'), color=color)
-    axes[1, 1].plot(*run.get('tokens_per_sec'), color=color, linewidth=0.8)
+    rate_steps, rate = run.get('tokens_per_sec')
+    axes[1, 1].plot(rate_steps, rate, color=color, alpha=0.2, linewidth=0.8)
+    axes[1, 1].plot(rate_steps, _smooth(rate), color=color, linewidth=1.5)
     axes[1, 2].plot(*run.get('grad_norm'), color=color, linewidth=0.8)
   labels = [('step', 'loss (nats per token)', 'Loss: train (smoothed) and held-out (dashed)'),
             ('tokens', 'loss (nats per token)', 'Loss against tokens seen'),
             ('tokens', 'bits per byte', 'Held-out bits per byte'),
             ('step', 'learning rate', 'Learning rate'),
-            ('step', 'tokens per second', 'Throughput'),
+            ('step', 'tokens per second', 'Throughput (smoothed)'),
             ('step', 'global L2 norm', 'Gradient norm (before clipping)')]
   for ax, (x, y, title) in zip(axes.flat, labels, strict=True):
     ax.set(xlabel=x, ylabel=y, title=title)
     ax.grid(alpha=0.3)
     if x == 'tokens':
       ax.xaxis.set_major_formatter(tokens)
-  axes[1, 1].set_ylim(bottom=0)
-  axes[1, 2].set_yscale('log')
+  # Steps timed alone (before a checkpoint or evaluation) skip the host's work: keep their
+  # spikes from flattening the rest.
+  rates = np.concatenate([r.get('tokens_per_sec')[1] for r in runs])
+  axes[1, 1].set_ylim(0, 1.2 * np.percentile(rates, 95) if len(rates) else None)
+  axes[1, 2].set_ylim(bottom=0)
   handles = [axes[0, 0].plot([], [], color=c, linewidth=3)[0] for c in colors]
   fig.legend(handles, [r.name for r in runs], loc='outside upper center', ncols=min(len(runs), 6))
   try:

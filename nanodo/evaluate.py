@@ -10,6 +10,7 @@ from flax import nnx
 
 from nanodo.data import EvalData
 from nanodo.optimizer import PyTree
+from nanodo.progress import Progress
 
 
 def get_in_out(in_BxL: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -40,10 +41,18 @@ def _jitted_eval_step(graphdef: nnx.GraphDef) -> callable:
 
 
 def evaluate(graphdef: nnx.GraphDef, params: PyTree, data: EvalData,
-             batch_sharding: jax.sharding.Sharding) -> dict[str, float]:
+             batch_sharding: jax.sharding.Sharding,
+             progress: Progress | None = None) -> dict[str, float]:
   """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
   step = _jitted_eval_step(graphdef)
   sums = [step(params, jax.device_put(b, batch_sharding)) for b in data.batches]
+  if progress is not None:
+    # Every batch is dispatched already: wait for each in turn to show how far the device is.
+    task = progress.add('eval', len(sums))
+    for i, s in enumerate(sums):
+      jax.block_until_ready(s)
+      progress.update(task, i + 1)
+    progress.remove(task)
   nll, nll_sq, count = (float(np.sum([s[k] for s in sums], dtype=np.float64))
                         for k in ('nll', 'nll_sq', 'count'))
   loss = nll / count

@@ -1,15 +1,18 @@
-"""Entry point: `nanodo [train] --config=...` trains; `nanodo sample --workdir=...` samples."""
+"""Entry point: `nanodo [train] --config=...` trains; `sample`, `eval` and `plot` read a workdir."""
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nanodo import sample, train, validate
+from nanodo import data, evaluate, sample, sharding, train, validate
+from nanodo.progress import Progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
-# `nanodo sample` flags.
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir to sample from.')
+# `nanodo sample`, `eval` and `plot` flags.
+_WORKDIR = flags.DEFINE_multi_string(
+    'workdir', [], 'A training workdir; `plot` takes several (repeat the flag) to overlay runs.')
 _STEP = flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'A file whose whole text is one prompt.')
@@ -19,6 +22,7 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most probable token
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set with this mass; 1: all.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed of the samples.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.')
+_OUT = flags.DEFINE_string('out', None, '`nanodo plot`: the image file to write, e.g. run.png.')
 
 
 def _train(argv: list[str]) -> None:
@@ -36,6 +40,15 @@ def _train(argv: list[str]) -> None:
   print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
 
 
+def _one_workdir(argv: list[str]) -> str:
+  if len(argv) > 1:
+    sys.exit(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  if len(_WORKDIR.value) != 1:
+    sys.exit('error: give one training workdir, e.g. --workdir=/tmp/nanodo')
+  return _WORKDIR.value[0]
+
+
 def _prompts() -> list[str]:
   if not _PROMPT_FILE.value:
     return _PROMPT.value
@@ -47,28 +60,64 @@ def _prompts() -> list[str]:
 
 
 def _sample(argv: list[str]) -> None:
-  if len(argv) > 1:
-    sys.exit(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value:
-    sys.exit('error: give the training workdir, e.g. --workdir=/tmp/nanodo')
+  workdir = _one_workdir(argv)
   try:
     sampling = sample.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     prompts = _prompts()
     sample.check_request(prompts, _MAX_NEW_TOKENS.value, _NUM_SAMPLES.value)
-    model = sample.load(_WORKDIR.value, _STEP.value)
-    sample.sample(model, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling,
-                  num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
-                  printer=sample.Printer(model.sp))
+    model = sample.load(workdir, _STEP.value)
+    # Samples stream to stdout; on a terminal that is the progress, so stderr gets plain lines.
+    with Progress(sys.stderr, bar=sys.stderr.isatty() and not sys.stdout.isatty()) as progress:
+      sample.sample(model, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling,
+                    num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
+                    printer=sample.Printer(model.sp), progress=progress)
   except ValueError as e:
     sys.exit(f'error: {e}')
 
 
-_COMMANDS = {'train': _train, 'sample': _sample}
+def _eval(argv: list[str]) -> None:
+  workdir = _one_workdir(argv)
+  try:
+    model = sample.load(workdir, _STEP.value)
+    c = model.config
+    if c['eval_batch_size'] % jax.device_count():
+      raise ValueError(f'The run\'s eval_batch_size={c["eval_batch_size"]} is not divisible by '
+                       f'the {jax.device_count()} devices here.')
+    _, eval_docs = data.load_corpus(c['ds_name'])
+    eval_data = data.eval_data(model.sp, eval_docs, model.cfg.L, c['eval_batch_size'])
+    with Progress() as progress:
+      result = evaluate.evaluate(model.graphdef, model.params, eval_data,
+                                 sharding.batch_sharding(sharding.make_mesh()), progress)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  print(f'step {model.step} held-out ({c["ds_name"]}): loss {result["loss"]:.4f} '
+        f'± {result["loss_stderr"]:.4f}, perplexity {result["perplexity"]:.2f}, '
+        f'bits per byte {result["bits_per_byte"]:.4f}')
+
+
+def _plot(argv: list[str]) -> None:
+  if len(argv) > 1:
+    sys.exit(f'Unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    sys.exit('error: give a training workdir, e.g. --workdir=/tmp/nanodo (repeat to overlay runs)')
+  if not _OUT.value:
+    sys.exit('error: give the image to write, e.g. --out=run.png')
+  try:
+    from nanodo import plot  # matplotlib is an optional dependency.
+  except ImportError as e:
+    sys.exit(f"error: nanodo plot needs matplotlib ({e}): pip install 'nanodo[plot]'")
+  try:
+    plot.plot(_WORKDIR.value, _OUT.value)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  print(f'wrote {_OUT.value}')
+
+
+_COMMANDS = {'train': _train, 'sample': _sample, 'eval': _eval, 'plot': _plot}
 
 
 def run() -> None:
-  """Console script `nanodo`: a first argument `train` (the default) or `sample` picks one."""
+  """Console script `nanodo`: a first argument picks train (the default), sample, eval or plot."""
   argv = list(sys.argv)
   command = argv.pop(1) if len(argv) > 1 and argv[1] in _COMMANDS else 'train'
   app.run(_COMMANDS[command], argv=argv)

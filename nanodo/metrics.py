@@ -1,19 +1,26 @@
-"""Step metrics written as JSON lines in the workdir and printed compactly."""
+"""Step metrics and where they go: JSON lines, TensorBoard and (if configured) Weights & Biases."""
 
+import importlib.metadata
 import json
-import math
 import os
+import platform
 import re
 import statistics
+import subprocess
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import tensorboardX
 
 from nanodo import optimizer
 from nanodo.optimizer import PyTree
 
 EMBEDDINGS = r'^(embed_VxD|pos_LxD|head_DxV)$'
+PACKAGES = ('nanodo', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy',
+            'sentencepiece')
 
 
 def global_norm(tree: PyTree) -> jax.Array:
@@ -21,15 +28,37 @@ def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def tree_stats(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
+  """rms, mean and std of each array, keyed 'prefix/path/stat' (path as in the model's state).
+
+  A captured module output's path ends at the module ('blocks/0/mlp'); the model's own is
+  'output'.
+  """
+  stats = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    name = optimizer.path_str(path).split('__call__')[0].strip('/') or 'output'
+    x = x.astype(jnp.float32)
+    # std in two passes: rms² - mean² cancels for values far from 0 (LayerNorm scales near 1).
+    stats |= {f'{prefix}/{name}/rms': jnp.sqrt(jnp.mean(jnp.square(x))),
+              f'{prefix}/{name}/mean': jnp.mean(x), f'{prefix}/{name}/std': jnp.std(x)}
+  return stats
+
+
+def param_counts(params: PyTree) -> dict[str, int]:
+  """Parameters in all, in the embeddings (token, position, an untied output head), in the rest."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  total = sum(x.size for _, x in leaves)
+  embedding = sum(x.size for path, x in leaves if re.search(EMBEDDINGS, optimizer.path_str(path)))
+  return {'all': total, 'embedding': embedding, 'non_embedding': total - embedding}
+
+
 def model_flops_per_token(params: PyTree, D: int, L: int, N: int, V: int) -> float:
   """Training FLOPs of one token: 6·P + 12·N·L·D + 6·D·V, P the non-embedding parameters.
 
   The attention term counts all L positions (causal masking not discounted).
   """
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   # The output projection (tied or not) is the 6·D·V term; embedding lookups cost no FLOPs.
-  P = sum(x.size for path, x in leaves if not re.search(EMBEDDINGS, optimizer.path_str(path)))
-  return 6 * P + 12 * N * L * D + 6 * D * V
+  return 6 * param_counts(params)['non_embedding'] + 12 * N * L * D + 6 * D * V
 
 
 def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
@@ -45,32 +74,92 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
+def versions() -> dict[str, str]:
+  """Python's version and the installed versions of the packages a run depends on."""
+  found = {'python': platform.python_version()}
+  for name in PACKAGES:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = 'not installed'
+  return found
+
+
+def git_commit() -> str | None:
+  """The git commit of nanodo's source ('+dirty' with uncommitted changes); None outside git."""
+  source = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=source, capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=source,
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ('+dirty' if dirty else '')
+
+
 class Writer:
-  """Appends one JSON object per logged step to workdir/metrics.jsonl; prints some."""
+  """Writes metrics of logged steps to every sink from one call.
 
-  def __init__(self, workdir: str, is_main: bool = True):
+  Always: workdir/metrics.jsonl (one object per call, flushed at once) and TensorBoard event files
+  in the workdir; with c.wandb_project, a Weights & Biases run (resumed with the workdir). The
+  hyper-parameters (config, package versions, git commit) are recorded once, at construction.
+  """
+
+  def __init__(self, c: ml_collections.ConfigDict, step: int, is_main: bool = True):
     self.is_main = is_main
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._file = open(self.path, 'a', encoding='utf-8') if is_main else None
+    self.path = os.path.join(c.workdir, 'metrics.jsonl')
+    self._file = self._tb = self._wandb = None
+    if not is_main:
+      return
+    self._file = open(self.path, 'a', encoding='utf-8')
+    self._tb = tensorboardX.SummaryWriter(c.workdir)
+    hparams = {'step': step, 'time': time.time(), 'config': json.loads(c.to_json_best_effort()),
+               'versions': versions(), 'git_commit': git_commit()}
+    with open(os.path.join(c.workdir, 'hparams.jsonl'), 'a', encoding='utf-8') as f:
+      f.write(json.dumps(hparams) + '\n')
+    for key in ('config', 'versions', 'git_commit'):
+      self._tb.add_text(f'hparams/{key}', f'```\n{json.dumps(hparams[key], indent=2)}\n```', step)
+    self._tb.flush()
+    if c.wandb_project:
+      self._wandb = _wandb_run(c, hparams)
 
-  def write(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
-    """Writes metrics of one step; flushes so a crash loses nothing logged."""
+  def write(self, step: int, metrics: dict[str, float], flush: bool = True) -> None:
+    """Writes metrics of one step; TensorBoard's events reach the disk when flush is set."""
     if not self.is_main:
       return
-    row = {'step': step, 'time': time.time(), **{k: float(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(row) + '\n')
+    metrics = {k: float(v) for k, v in metrics.items()}
+    self._file.write(json.dumps({'step': step, 'time': time.time(), **metrics}) + '\n')
     self._file.flush()
-    if echo:
-      print(f'step {step:>6} | ' + ' | '.join(f'{k} {_fmt(v)}' for k, v in metrics.items()),
-            flush=True)
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, v, step)
+    if flush:
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(metrics, step=step)
 
   def close(self) -> None:
     if self._file:
       self._file.close()
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
 
-def _fmt(v: float) -> str:
-  v = float(v)
-  if v == 0 or not math.isfinite(v):
-    return str(v)
-  return f'{v:.4g}' if 1e-3 <= abs(v) < 1e5 else f'{v:.3e}'
+def _wandb_run(c: ml_collections.ConfigDict, hparams: dict) -> object:
+  """A W&B run named after the workdir; its id is kept there so that a resumed run continues it."""
+  import wandb  # Only when configured: an optional dependency.
+
+  id_path = os.path.join(c.workdir, 'wandb_run_id')
+  if os.path.exists(id_path):
+    with open(id_path, encoding='utf-8') as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    with open(id_path, 'w', encoding='utf-8') as f:
+      f.write(run_id)
+  config = {**hparams['config'], 'versions': hparams['versions'],
+            'git_commit': hparams['git_commit']}
+  return wandb.init(project=c.wandb_project, entity=c.wandb_entity or None, config=config,
+                    dir=c.workdir, id=run_id, resume='allow',
+                    name=os.path.basename(os.path.abspath(c.workdir)))

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TextIO
 
@@ -18,6 +19,7 @@ from flax import nnx
 from nanodo import sharding, tokenizer, train
 from nanodo.model import LayerCache, ModelConfig, TransformerDecoder, init_cache
 from nanodo.optimizer import PyTree
+from nanodo.progress import Progress
 
 # Called with the step and each row's new token (PAD once a row has ended), as they are made.
 OnToken = Callable[[np.ndarray, np.ndarray], None]
@@ -42,13 +44,14 @@ class Sampling:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A restored checkpoint: model config, graph, parameters, tokenizer and step."""
+  """A restored checkpoint: model config, graph, parameters, tokenizer, step and run config."""
 
   cfg: ModelConfig
   graphdef: nnx.GraphDef
   params: PyTree
   sp: spm.SentencePieceProcessor
   step: int
+  config: dict  # the run's config.json
 
 
 def _tokenizer(workdir: str, c: dict) -> spm.SentencePieceProcessor:
@@ -91,7 +94,7 @@ def load(workdir: str, step: int | None = None) -> Model:
         partial_restore=True)))
   finally:
     mngr.close()
-  return Model(cfg, graphdef, restored['state']['params'], sp, step)
+  return Model(cfg, graphdef, restored['state']['params'], sp, step, c)
 
 
 def check_request(prompts: list[str], max_new_tokens: int, num_samples: int) -> None:
@@ -223,10 +226,12 @@ class Printer:
 
 
 def sample(model: Model, prompts: list[str], *, max_new_tokens: int, sampling: Sampling,
-           num_samples: int = 1, seed: int = 0, printer: Printer | None = None) -> list[str]:
+           num_samples: int = 1, seed: int = 0, printer: Printer | None = None,
+           progress: Progress | None = None) -> list[str]:
   """Continuations of each prompt, num_samples each (prompt-major), all rows in one batch.
 
   With a printer, rows run one at a time so that each streams whole; the samples are the same.
+  A progress shows the samples done and the new tokens per second.
   """
   check_request(prompts, max_new_tokens, num_samples)
   rows = [p for p in prompts for _ in range(num_samples)]
@@ -234,13 +239,22 @@ def sample(model: Model, prompts: list[str], *, max_new_tokens: int, sampling: S
   keys_B = row_keys(seed, len(rows))
   run = functools.partial(generate, model.graphdef, model.params, max_new_tokens=max_new_tokens,
                           sampling=sampling, eos_id=model.sp.eos_id(), on_token=printer)
+  task = progress.add('sample', len(rows), every=1) if progress else None
   if printer is None:
     out_BxN = np.asarray(run(prompt_BxP, length_B, keys_B))
+    if progress:
+      progress.update(task, len(rows), {'tokens': np.sum(out_BxN != tokenizer.PAD_ID)})
     return [to_text(model.sp, ids) for ids in out_BxN.tolist()]
-  texts = []
+  texts, tokens, first = [], [], 0.0
   for b, prompt in enumerate(rows):
     printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', prompt)
     ids = np.asarray(run(prompt_BxP[b:b + 1], length_B[b:b + 1], keys_B[b:b + 1]))[0]
     texts.append(to_text(model.sp, ids.tolist()))
     printer.end(texts[-1])
+    tokens.append(np.sum(ids != tokenizer.PAD_ID))
+    if progress:
+      # The rate of the rows after the first, whose time includes compiling.
+      first = first or time.time()
+      rate = {'tokens_per_sec': sum(tokens[1:]) / (time.time() - first)} if b else {}
+      progress.update(task, b + 1, {'tokens': sum(tokens), **rate})
   return texts

@@ -18,19 +18,29 @@ from flax import nnx
 from nanodo import data, evaluate, metrics, optimizer, sharding, tokenizer
 from nanodo.model import ModelConfig, TransformerDecoder
 from nanodo.optimizer import PyTree
+from nanodo.progress import Progress, fmt
 
 TOKENIZER_FILE = 'tokenizer.model'
+# The step metrics shown on the console (all of them go to the metrics files).
+CONSOLE_METRICS = ('loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'mfu')
 
 
-def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array, label_smoothing: float = 0.0,
-            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array,
+            label_smoothing: float = 0.0, z_loss: float = 0.0,
+            layer_stats: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training objective and its parts, each a mean over non-padding targets.
 
   'loss' is always the plain next-token cross-entropy, so curves stay comparable; label smoothing
-  and the z-loss (on the log-normalizer) are reported on their own when on.
+  and the z-loss (on the log-normalizer) are reported on their own when on, and with layer_stats
+  so are the statistics of every module's output.
   """
   x_BxL, y_BxL, weights_BxL = evaluate.get_in_out(in_BxL)
-  logits_BxLxV = nnx.merge(graphdef, params)(x_BxL)
+  model = nnx.merge(graphdef, params)
+  if layer_stats:
+    capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    logits_BxLxV, outputs = capture(x_BxL)
+  else:
+    logits_BxLxV, outputs = model(x_BxL), {}
   logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   mean = lambda v_BxL: jnp.sum(v_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
   parts = {'loss': mean(logz_BxL - jnp.take_along_axis(logits_BxLxV, y_BxL[..., None], -1)[..., 0])}
@@ -43,35 +53,41 @@ def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array, label_smo
   if z_loss:
     parts['z_loss'] = z_loss * mean(jnp.square(logz_BxL))
     objective += parts['z_loss']
-  return objective, parts
+  return objective, parts | metrics.tree_stats('act', outputs)
 
 
 def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float = 0.0,
-               z_loss: float = 0.0) -> tuple[PyTree, dict[str, jax.Array]]:
-  """One optimizer update: new state and the step's metrics."""
+               label_smoothing: float = 0.0, z_loss: float = 0.0,
+               layer_stats: bool = False) -> tuple[PyTree, dict[str, jax.Array]]:
+  """One optimizer update: new state and the step's metrics (per layer too with layer_stats)."""
   (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state['params'], graphdef, in_BxL, label_smoothing, z_loss)
+      state['params'], graphdef, in_BxL, label_smoothing, z_loss, layer_stats)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
+  learning_rate = schedule(state['step'])
   step_metrics = {
       **parts,
-      'learning_rate': schedule(state['step']),
+      'learning_rate': learning_rate,
       'grad_norm': metrics.global_norm(grads),
       'update_norm': metrics.global_norm(updates),
       'param_norm': metrics.global_norm(params),
   }
+  if layer_stats:
+    # Updates without the learning rate's factor, as the original nanodo logged them.
+    scaled = jax.tree.map(lambda u: u / (learning_rate + 1e-20), updates)
+    step_metrics |= (metrics.tree_stats('grads', grads) | metrics.tree_stats('params', params) |
+                     metrics.tree_stats('updates', scaled))
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
 
 
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, shardings: PyTree,
                    batch_sharding: jax.sharding.Sharding, label_smoothing: float = 0.0,
-                   z_loss: float = 0.0) -> Callable:
+                   z_loss: float = 0.0, layer_stats: bool = False) -> Callable:
   """train_step jitted once, with the state's shardings and its buffers donated."""
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                           label_smoothing=label_smoothing, z_loss=z_loss)
+                           label_smoothing=label_smoothing, z_loss=z_loss, layer_stats=layer_stats)
   return jax.jit(step,
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                  donate_argnums=0)
@@ -89,13 +105,21 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
   return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def get_tokenizer(c: ml_collections.ConfigDict, train_docs: list[str]) -> spm.SentencePieceProcessor:
-  """vocab_path; else the workdir's (or restore dir's) tokenizer; else train one."""
+def tokenizer_path(c: ml_collections.ConfigDict) -> str | None:
+  """vocab_path; else the workdir's (or restore dir's) tokenizer; None when there is none yet."""
   if c.vocab_path:
-    return tokenizer.load(c.vocab_path)
+    return c.vocab_path
   for d in (c.workdir, c.checkpoint_restore_dir):
     if d and os.path.exists(os.path.join(d, TOKENIZER_FILE)):
-      return tokenizer.load(os.path.join(d, TOKENIZER_FILE))
+      return os.path.join(d, TOKENIZER_FILE)
+  return None
+
+
+def get_tokenizer(c: ml_collections.ConfigDict,
+                  train_docs: list[str]) -> spm.SentencePieceProcessor:
+  """The tokenizer of tokenizer_path; else one trained into the workdir."""
+  if path := tokenizer_path(c):
+    return tokenizer.load(path)
   print(f'Training a {c.vocab_size}-piece SentencePiece tokenizer on {c.ds_name}...', flush=True)
   return tokenizer.train(train_docs, c.vocab_size, os.path.join(c.workdir, TOKENIZER_FILE))
 
@@ -140,9 +164,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = init_state(cfg, tx, c.seed, mesh)
   step_fn = jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding,
-                           c.label_smoothing, c.z_loss)
+                           c.label_smoothing, c.z_loss, c.log_internal_metrics)
 
-  data_iter = iter(data.train_dataset(data.encode(sp, train_docs), cfg.L, c.batch_size, c.seed))
+  train_ids = data.encode(sp, train_docs)
+  data_iter = iter(data.train_dataset(train_ids, cfg.L, c.batch_size, c.seed))
   eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)
   mngr = checkpoint_manager(os.path.join(c.workdir, 'checkpoints'), c.max_to_keep)
   if mngr.latest_step() is not None:
@@ -151,50 +176,86 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
     state = restore(checkpoint_manager(os.path.join(c.checkpoint_restore_dir, 'checkpoints')),
                     state, shardings, data_iter)
   step = int(state['step'])
-  num_params = sum(x.size for x in jax.tree.leaves(state['params']))
-  print(f'{num_params / 1e6:.2f}M parameters, {jax.device_count()} devices, '
-        f'starting at step {step} of {c.opt.num_train_steps}.', flush=True)
+  progress = Progress()
+  counts = metrics.param_counts(state['params'])
+  progress.log(f'model: {counts["all"] / 1e6:.2f}M parameters ({counts["embedding"] / 1e6:.2f}M '
+               f'embedding, {counts["non_embedding"] / 1e6:.2f}M non-embedding); D{cfg.D} H{cfg.H} '
+               f'N{cfg.N} F{cfg.F} L{cfg.L} V{cfg.V} {cfg.dtype}')
+  progress.log(f'mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
+               f'device(s)')
+  progress.log(f'data: {c.ds_name}, {len(train_docs)} train documents '
+               f'({sum(map(len, train_ids)) / 1e6:.2f}M tokens), {len(eval_docs)} held-out '
+               f'({eval_data.num_bytes / 1e6:.2f}M bytes); tokenizer: {tokenizer_path(c)}, '
+               f'{cfg.V} pieces')
+  progress.log(f'starting at step {step} of {c.opt.num_train_steps}.')
 
-  writer = metrics.Writer(c.workdir)
+  writer = metrics.Writer(c, step)
   peak_flops = c.peak_tflops * 1e12 or metrics.matmul_flops_per_sec() * jax.device_count()
+  task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
   log = functools.partial(
-      _log, writer, tokens_per_step=c.batch_size * cfg.L, log_every=c.log_every_steps,
-      flops_per_token=metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V),
-      peak_flops=peak_flops)
+      _log, writer, progress, task, tokens_per_step=c.batch_size * cfg.L,
+      log_every=c.log_every_steps, peak_flops=peak_flops,
+      flops_per_token=metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V))
+  # Steps traced by the profiler: profile_steps of them after the first, which compiles.
+  trace = range(step + 1, min(step + 1 + c.profile_steps, c.opt.num_train_steps))
   pending, t_last = None, time.time()
   result = {}
-  while step < c.opt.num_train_steps:
-    state, step_metrics = step_fn(state, jax.device_put(next(data_iter), batch_sharding))
-    step += 1
-    # The host reads the previous step's metrics while the device runs this one.
-    if pending:
-      t_last = log(*pending, t_last)
-    pending = (step, step_metrics)
-    if step % c.checkpoint_every_steps == 0 or step == c.opt.num_train_steps:
-      t_last, pending = log(*pending, t_last), None
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
-    if step % c.eval_every_steps == 0 or step == c.opt.num_train_steps:
-      result = evaluate.evaluate(graphdef, state['params'], eval_data, batch_sharding)
-      writer.write(step, {f'eval_{k}': v for k, v in result.items()})
-      t_last = time.time()
-  if not result:  # Already trained to the end: evaluate what is there.
-    result = evaluate.evaluate(graphdef, state['params'], eval_data, batch_sharding)
-    writer.write(step, {f'eval_{k}': v for k, v in result.items()})
+  try:
+    while step < c.opt.num_train_steps:
+      if trace and step == trace.start:
+        jax.profiler.start_trace(c.workdir)
+      state, step_metrics = step_fn(state, jax.device_put(next(data_iter), batch_sharding))
+      step += 1
+      # The host reads the previous step's metrics while the device runs this one.
+      if pending:
+        t_last = log(*pending, t_last)
+      pending = (step, step_metrics)
+      if trace and step == trace.stop:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        progress.log(f'profile of steps {trace.start + 1}-{trace.stop} written to '
+                     f'{os.path.join(c.workdir, "plugins", "profile")}')
+      if step % c.checkpoint_every_steps == 0 or step == c.opt.num_train_steps:
+        t_last, pending = log(*pending, t_last), None
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+      if step % c.eval_every_steps == 0 or step == c.opt.num_train_steps:
+        if pending:
+          t_last, pending = log(*pending, t_last), None
+        result = _evaluate(writer, progress, step, graphdef, state['params'], eval_data,
+                           batch_sharding)
+        t_last = time.time()
+    if not result:  # Already trained to the end: evaluate what is there.
+      result = _evaluate(writer, progress, step, graphdef, state['params'], eval_data,
+                         batch_sharding)
+  finally:
+    progress.close()
+    writer.close()
   mngr.wait_until_finished()
   mngr.close()
-  writer.close()
   return result
 
 
-def _log(writer: metrics.Writer, step: int, step_metrics: dict[str, jax.Array], t_last: float, *,
-         tokens_per_step: int, log_every: int, flops_per_token: float, peak_flops: float) -> float:
-  """Writes one step's metrics (fetched from the device) and returns the current time."""
+def _evaluate(writer: metrics.Writer, progress: Progress, step: int, graphdef: nnx.GraphDef,
+              params: PyTree, eval_data: data.EvalData,
+              batch_sharding: jax.sharding.Sharding) -> dict[str, float]:
+  """Held-out metrics, written and shown."""
+  result = evaluate.evaluate(graphdef, params, eval_data, batch_sharding, progress)
+  writer.write(step, {f'eval_{k}': v for k, v in result.items()})
+  progress.log(f'eval at step {step} | ' + ' | '.join(f'{k} {fmt(v)}' for k, v in result.items()))
+  return result
+
+
+def _log(writer: metrics.Writer, progress: Progress, task: int, step: int,
+         step_metrics: dict[str, jax.Array], t_last: float, *, tokens_per_step: int,
+         log_every: int, flops_per_token: float, peak_flops: float) -> float:
+  """Writes one step's metrics (fetched from the device), shows some; returns the current time."""
   values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   _check_finite(step, values)
   now = time.time()
   values['tokens_per_sec'] = tokens_per_step / max(now - t_last, 1e-9)
   # Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak.
   values['mfu'] = values['tokens_per_sec'] * flops_per_token / peak_flops
-  writer.write(step, values, echo=step % log_every == 0 or step == 1)
+  writer.write(step, values, flush=step % log_every == 0)
+  progress.update(task, step, {k: values[k] for k in CONSOLE_METRICS})
   return now

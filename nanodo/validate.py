@@ -1,5 +1,6 @@
 """Checks a config before any compile or write; errors name the key, value and what is valid."""
 
+import importlib.util
 import re
 
 import jax
@@ -45,6 +46,10 @@ def check(c: ml_collections.ConfigDict) -> None:
   _require(c.z_loss >= 0, 'z_loss', c.z_loss, 'must be >= 0')
   _require(c.peak_tflops >= 0, 'peak_tflops', c.peak_tflops,
            'must be >= 0 (0: measure at start-up)')
+  _require(isinstance(c.profile_steps, int) and c.profile_steps >= 0, 'profile_steps',
+           c.profile_steps, 'must be a non-negative integer (0: no trace)')
+  _require(not c.wandb_project or importlib.util.find_spec('wandb') is not None, 'wandb_project',
+           c.wandb_project, "needs the wandb package: pip install 'nanodo[wandb]'")
   n = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     _require(c[key] % n == 0, key, c[key], f'must be divisible by the {n} devices')

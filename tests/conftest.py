@@ -1,10 +1,12 @@
 """Shared test helpers: a tiny config and the shipped tokenizer."""
 
 import os
+import sys
 
 import ml_collections
 import pytest
 
+from nanodo import train
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
@@ -29,6 +31,7 @@ def tiny_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
   c.log_every_steps = 1
   c.eval_every_steps = 100
   c.checkpoint_every_steps = 3
+  c.peak_tflops = 1.0  # for the MFU; 0 would measure a matmul at every start
   c.update(overrides)
   return c
 
@@ -36,3 +39,13 @@ def tiny_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
 @pytest.fixture
 def workdir(tmp_path) -> str:
   return str(tmp_path / 'run')
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory) -> str:
+  """A finished 6-step run: checkpoints at 3 and 6, per-layer statistics, steps 2-3 profiled."""
+  workdir = str(tmp_path_factory.mktemp('tiny') / 'run')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(sys.modules, 'wandb', None)  # `import wandb` fails: W&B is off by default.
+    train.train_and_evaluate(tiny_config(workdir, profile_steps=2, log_internal_metrics=True))
+  return workdir

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +57,12 @@ def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
   out = _cli(*args, cwd=str(tmp_path))
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'bits_per_byte' in out.stdout
+  # Not a terminal: plain lines, no cursor control.
+  assert '\x1b' not in out.stdout and '\r' not in out.stdout
+  steps = re.findall(r'^step +(\d+)/4 \| loss \S+ \| learning_rate ', out.stdout, re.M)
+  assert steps == ['1', '4']  # the first step, then every log_every_steps=10 and the last
+  assert re.search(r'^model: 0\.\d\dM parameters \(0\.\d\dM embedding, 0\.\d\dM non-embedding\)',
+                   out.stdout, re.M)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   again = _cli(*args[:-2], '--config.opt.num_train_steps=6', '--config.checkpoint_every_steps=2',
                f'--config.vocab_path={VOCAB}', cwd=str(tmp_path))
@@ -118,3 +126,44 @@ def test_nan_loss_stops_with_the_step_named_and_keeps_earlier_checkpoints(tmp_pa
   with pytest.raises(FloatingPointError, match=r'Loss is (nan|inf) at step \d+'):
     train.train_and_evaluate(c)
   assert '3' in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+def _nanodo(*args: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, os.path.join(os.path.dirname(train.__file__), 'main.py'), *args]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_command_prints_the_held_out_metrics_of_a_checkpoint(tiny_run):
+  with open(os.path.join(tiny_run, 'metrics.jsonl'), encoding='utf-8') as f:
+    [logged] = [r for r in map(json.loads, f) if 'eval_loss' in r]
+  pattern = (r'^step (\d) held-out \(shakespeare\): loss (\S+) ± (\S+), perplexity (\S+), '
+             r'bits per byte (\S+)$')
+  out = _nanodo('eval', f'--workdir={tiny_run}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  step, loss, stderr, perplexity, bpb = map(float, re.match(pattern, out.stdout.strip()).groups())
+  assert step == 6  # the latest checkpoint, evaluated when training ended
+  assert loss == pytest.approx(logged['eval_loss'], abs=1e-4)
+  assert stderr == pytest.approx(logged['eval_loss_stderr'], abs=1e-4)
+  assert perplexity == pytest.approx(logged['eval_perplexity'], abs=1e-2)
+  assert bpb == pytest.approx(logged['eval_bits_per_byte'], abs=1e-4)
+  earlier = _nanodo('eval', f'--workdir={tiny_run}', '--step=3')
+  assert earlier.returncode == 0, earlier.stderr[-2000:]
+  step, loss3 = map(float, re.match(pattern, earlier.stdout.strip()).groups()[:2])
+  assert step == 3 and loss3 > loss
+
+
+def test_eval_command_bad_input_fails_with_one_clear_line(tiny_run, tmp_path):
+  no_checkpoint = tmp_path / 'empty'
+  no_checkpoint.mkdir()
+  shutil.copy(os.path.join(tiny_run, 'config.json'), no_checkpoint)
+  for args, message in [
+      ([], 'give one training workdir'),
+      ([f'--workdir={tmp_path / "none"}'], 'does not exist'),
+      ([f'--workdir={no_checkpoint}'], 'has no checkpoint yet'),
+      ([f'--workdir={tiny_run}', '--step=5'], 'step=5 has no checkpoint in'),
+  ]:
+    out = _nanodo('eval', *args)
+    assert out.returncode != 0, args
+    assert message in out.stderr, (args, out.stderr[-2000:])
+    assert 'Traceback' not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,6 +167,8 @@ def test_command_line_prints_the_greedy_sample(trained):
   assert out.returncode == 0, out.stderr[-2000:]
   text = sample.sample(sample.load(trained), ['ROMEO:'], max_new_tokens=8, sampling=GREEDY)[0]
   assert out.stdout == f'ROMEO:{text}\n'
+  # Progress goes to stderr, plain off a terminal: the sample's count of new tokens.
+  assert re.search(r'^sample 1/1 \| tokens [1-8] \| elapsed ', out.stderr, re.M), out.stderr
 
 
 def test_command_line_bad_input_fails_with_one_clear_line(trained, tmp_path):

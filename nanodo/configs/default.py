@@ -64,7 +64,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Peak TFLOP/s of all devices together, for the MFU in the logs; 0: measure a float32
   # matmul at start-up.
   c.peak_tflops = 0.0
+  # Every step's metrics go to workdir/metrics.jsonl and TensorBoard; the console shows a bar on
+  # a terminal, else a line every log_every_steps (TensorBoard's events are flushed as often).
   c.log_every_steps = 10
+  # rms, mean and std of every layer's output, gradient, parameter and update (divided by the
+  # learning rate), logged every step; off: the step computes none of them.
+  c.log_internal_metrics = False
+  # Trace this many steps (after the first, which compiles) with jax.profiler into the workdir
+  # (TensorBoard's profile tab opens it); 0: no trace.
+  c.profile_steps = 0
+  # A Weights & Biases project to log to as well (needs `pip install 'nanodo[wandb]'`); '': none.
+  c.wandb_project = ''
+  c.wandb_entity = ''  # '': the W&B default entity.
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 200
   c.max_to_keep = 3

@@ -1,0 +1,140 @@
+"""Metrics: JSON lines, TensorBoard, W&B, hyper-parameters, per-layer statistics, profiles."""
+
+import glob
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config, tiny_model_config
+from flax import nnx
+
+from nanodo import metrics, optimizer, sample, train, validate
+from nanodo.model import TransformerDecoder
+
+TRAIN_KEYS = {'loss', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm', 'tokens_per_sec',
+              'mfu'}
+EVAL_KEYS = {'eval_loss', 'eval_loss_stderr', 'eval_perplexity', 'eval_bits_per_byte'}
+
+
+def _rows(workdir: str, name: str = 'metrics.jsonl') -> list[dict]:
+  with open(os.path.join(workdir, name), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def test_jsonl_has_one_object_per_step_and_one_per_evaluation(tiny_run):
+  rows = _rows(tiny_run)
+  train_rows = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  assert all({k for k in r if '/' not in k} == {'step', 'time', *TRAIN_KEYS} for r in train_rows)
+  assert all(set(r) == set(train_rows[0]) for r in train_rows)  # per-layer keys in every row
+  eval_rows = [r for r in rows if 'eval_loss' in r]
+  assert [r['step'] for r in eval_rows] == [6]
+  assert set(eval_rows[0]) == {'step', 'time', *EVAL_KEYS}
+  assert len(rows) == len(train_rows) + len(eval_rows)
+
+
+def test_tensorboard_events_read_back_equal_the_jsonl(tiny_run):
+  event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
+  events = event_accumulator.EventAccumulator(tiny_run, size_guidance={'scalars': 0, 'tensors': 0})
+  events.Reload()
+  logged_keys = {k for r in _rows(tiny_run) for k in r} - {'step', 'time'}
+  assert set(events.Tags()['scalars']) == logged_keys
+  for key in ('loss', 'grad_norm', 'eval_bits_per_byte', 'act/blocks/0/mlp/rms'):
+    logged = {r['step']: r[key] for r in _rows(tiny_run) if key in r}
+    read = {e.step: e.value for e in events.Scalars(key)}
+    assert read == pytest.approx(logged, rel=1e-6)
+  assert {'hparams/config/text_summary', 'hparams/versions/text_summary'} <= set(
+      events.Tags()['tensors'])
+
+
+def test_hyper_parameters_are_recorded_once_per_start(tiny_run):
+  [record] = _rows(tiny_run, 'hparams.jsonl')
+  with open(os.path.join(tiny_run, 'config.json'), encoding='utf-8') as f:
+    assert record['config'] == json.load(f)
+  assert record['step'] == 0
+  assert record['versions']['jax'] == jax.__version__
+  assert record['versions']['python'] == '.'.join(map(str, sys.version_info[:3]))
+  commit = metrics.git_commit()
+  assert record['git_commit'] == commit
+  assert commit is None or len(commit.removesuffix('+dirty')) == 40
+
+
+def test_profile_steps_write_a_trace_to_the_workdir(tiny_run):
+  assert glob.glob(os.path.join(tiny_run, 'plugins', 'profile', '*', '*.xplane.pb'))
+
+
+def test_per_layer_statistics_of_a_run_match_its_checkpoint(tiny_run):
+  [last] = [r for r in _rows(tiny_run) if r['step'] == 6 and 'loss' in r]
+  params = sample.load(tiny_run, 6).params
+  for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    name, x = optimizer.path_str(path), np.asarray(x, np.float64)
+    assert last[f'params/{name}/rms'] == pytest.approx(np.sqrt(np.mean(x**2)), rel=1e-5), name
+    assert last[f'params/{name}/mean'] == pytest.approx(x.mean(), rel=1e-4, abs=1e-7), name
+    assert last[f'params/{name}/std'] == pytest.approx(x.std(), rel=1e-4), name
+    for prefix in ('grads', 'updates'):
+      assert {f'{prefix}/{name}/{k}' for k in ('rms', 'mean', 'std')} <= set(last), (prefix, name)
+  for name in ('blocks/0/attn', 'blocks/0/mlp', 'blocks/1/ln2', 'blocks/1', 'ln_f', 'output'):
+    assert {f'act/{name}/{k}' for k in ('rms', 'mean', 'std')} <= set(last), name
+  assert all(np.isfinite(v) for v in last.values())
+
+
+def test_activation_statistics_leave_the_loss_unchanged():
+  cfg = tiny_model_config()
+  graphdef, params = nnx.split(TransformerDecoder(cfg, nnx.Rngs(0)))
+  x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
+  forward = jax.jit(train.loss_fn, static_argnames=('graphdef', 'layer_stats'))
+  loss, parts = forward(params, graphdef=graphdef, in_BxL=x_BxL)
+  with_stats, stats = forward(params, graphdef=graphdef, in_BxL=x_BxL, layer_stats=True)
+  assert set(parts) == {'loss'}
+  assert float(with_stats) == pytest.approx(float(loss), rel=1e-6)
+  logits = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x_BxL), np.float64)
+  assert float(stats['act/output/rms']) == pytest.approx(np.sqrt(np.mean(logits**2)), rel=1e-4)
+  assert float(stats['act/output/std']) == pytest.approx(logits.std(), rel=1e-4)
+
+
+def test_count_of_embedding_and_other_parameters():
+  cfg = tiny_model_config()
+  model = nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0)))
+  counts = metrics.param_counts(nnx.state(model))
+  assert counts['embedding'] == (cfg.V + cfg.L) * cfg.D
+  per_block = 4 * cfg.D * cfg.D + 2 * cfg.D * cfg.F + 2 * cfg.D
+  assert counts['non_embedding'] == cfg.N * per_block + cfg.D
+  assert counts['all'] == counts['embedding'] + counts['non_embedding']
+
+
+def test_negative_profile_steps_are_refused(tmp_path):
+  with pytest.raises(validate.ConfigError,
+                     match='profile_steps=-1 is not valid: must be a non-negative integer'):
+    validate.check(tiny_config(str(tmp_path), profile_steps=-1))
+
+
+def test_wandb_project_without_wandb_installed_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'wandb', None)
+  with pytest.raises(validate.ConfigError, match="wandb_project='p' is not valid: needs the wandb"):
+    validate.check(tiny_config(str(tmp_path), wandb_project='p'))
+
+
+def test_wandb_run_logs_offline_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+  pytest.importorskip('wandb')
+  for var in ('WANDB_DIR', 'WANDB_CACHE_DIR', 'WANDB_CONFIG_DIR', 'WANDB_DATA_DIR'):
+    monkeypatch.setenv(var, str(tmp_path / 'wandb_home'))
+  monkeypatch.setenv('WANDB_MODE', 'offline')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  workdir = str(tmp_path / 'run')
+  c = tiny_config(workdir, wandb_project='nanodo-test')
+  c.opt.num_train_steps = 1
+  validate.check(c)
+  train.train_and_evaluate(c)
+  with open(os.path.join(workdir, 'wandb_run_id'), encoding='utf-8') as f:
+    run_id = f.read()
+  [log] = glob.glob(os.path.join(workdir, 'wandb', f'offline-run-*-{run_id}', '*.wandb'))
+  with open(log, 'rb') as f:
+    records = f.read()
+  for text in (b'eval_bits_per_byte', b'grad_norm', b'peak_learning_rate', b'git_commit'):
+    assert text in records, text
+  metrics.Writer(c, step=2).close()  # a resumed run's writer
+  runs = glob.glob(os.path.join(workdir, 'wandb', 'offline-run-*'))
+  assert runs and all(r.endswith(f'-{run_id}') for r in runs)

@@ -33,7 +33,10 @@ def _train(argv: list[str]) -> None:
     result = train.train_and_evaluate(c)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
-  print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+  except KeyboardInterrupt:
+    sys.exit('Interrupted; the checkpoints written so far are kept.')
+  if result:
+    print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
 
 
 def _prompts() -> list[str]:
@@ -67,11 +70,25 @@ def _sample(argv: list[str]) -> None:
 _COMMANDS = {'train': _train, 'sample': _sample}
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a config file or key that does not exist is one line, not a traceback."""
+  try:
+    args = app.parse_flags_with_usage(argv)
+    _ = _CONFIG.value  # loads the config file, which absl defers
+  except (AttributeError, KeyError) as e:
+    overrides = [a for a in argv if a.startswith('--config.')]
+    sys.exit(f'error: unknown config key in {overrides}: {e}. The keys are those of '
+             'nanodo/configs/default.py.')
+  except (OSError, SyntaxError) as e:
+    sys.exit(f'error: the --config file cannot be loaded: {e}')
+  return args
+
+
 def run() -> None:
   """Console script `nanodo`: a first argument `train` (the default) or `sample` picks one."""
   argv = list(sys.argv)
   command = argv.pop(1) if len(argv) > 1 and argv[1] in _COMMANDS else 'train'
-  app.run(_COMMANDS[command], argv=argv)
+  app.run(_COMMANDS[command], argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -45,6 +45,29 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
+def drop_rows_after(workdir: str, step: int) -> None:
+  """Rewrites workdir/metrics.jsonl without the rows of later steps and without a torn last line.
+
+  A resumed run then logs each step once. The file is replaced atomically.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step and line.endswith('\n'):
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line torn by a kill mid-write
+  if kept != lines:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+
+
 class Writer:
   """Appends one JSON object per logged step to workdir/metrics.jsonl; prints some."""
 

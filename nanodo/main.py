@@ -1,5 +1,6 @@
 """Entry point: `nanodo [train] --config=...` trains; `nanodo sample --workdir=...` samples."""
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -76,9 +77,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     args = app.parse_flags_with_usage(argv)
     _ = _CONFIG.value  # loads the config file, which absl defers
   except (AttributeError, KeyError) as e:
-    overrides = [a for a in argv if a.startswith('--config.')]
-    sys.exit(f'error: unknown config key in {overrides}: {e}. The keys are those of '
-             'nanodo/configs/default.py.')
+    name = re.search(r'\w+', str(e))[0]
+    flag = next((a.split('=')[0] for a in argv if a.split('=')[0].endswith(f'.{name}')), name)
+    hint = re.search(r'Did you mean "(\w+)"', str(e))
+    sys.exit(f'error: {flag} is not a config key' + (f'; did you mean {hint[1]}?' if hint else '.')
+             + ' The keys are those of nanodo/configs/default.py.')
   except (OSError, SyntaxError) as e:
     sys.exit(f'error: the --config file cannot be loaded: {e}')
   return args

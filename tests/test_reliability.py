@@ -44,9 +44,13 @@ def _run(workdir: str, num_steps: int = NUM_STEPS) -> subprocess.CompletedProces
   return out
 
 
+def _default_sigint() -> None:
+  signal.signal(signal.SIGINT, signal.SIG_DFL)  # as from a terminal, even if pytest ignores it
+
+
 def _start(workdir: str) -> subprocess.Popen:
   return subprocess.Popen(_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, preexec_fn=_default_sigint)
 
 
 def _rows(workdir: str) -> list[dict]:

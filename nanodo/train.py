@@ -1,4 +1,4 @@
-"""Train state, the jitted step, the loop, checkpoints."""
+"""Train state, the jitted step, the loop, a graceful stop on SIGINT or SIGTERM."""
 
 import contextlib
 import functools

@@ -1,5 +1,6 @@
 """Entry point: `nanodo [train] --config=...` trains; `sample`, `eval` and `plot` read a workdir."""
 
+import re
 import sys
 
 import jax
@@ -37,7 +38,10 @@ def _train(argv: list[str]) -> None:
     result = train.train_and_evaluate(c)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
-  print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+  except KeyboardInterrupt:
+    sys.exit('Interrupted; the checkpoints written so far are kept.')
+  if result:
+    print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
 
 
 def _one_workdir(argv: list[str]) -> str:
@@ -116,11 +120,27 @@ def _plot(argv: list[str]) -> None:
 _COMMANDS = {'train': _train, 'sample': _sample, 'eval': _eval, 'plot': _plot}
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a config file or key that does not exist is one line, not a traceback."""
+  try:
+    args = app.parse_flags_with_usage(argv)
+    _ = _CONFIG.value  # loads the config file, which absl defers
+  except (AttributeError, KeyError) as e:
+    name = re.search(r'\w+', str(e))[0]
+    flag = next((a.split('=')[0] for a in argv if a.split('=')[0].endswith(f'.{name}')), name)
+    hint = re.search(r'Did you mean "(\w+)"', str(e))
+    sys.exit(f'error: {flag} is not a config key' + (f'; did you mean {hint[1]}?' if hint else '.')
+             + ' The keys are those of nanodo/configs/default.py.')
+  except (OSError, SyntaxError) as e:
+    sys.exit(f'error: the --config file cannot be loaded: {e}')
+  return args
+
+
 def run() -> None:
   """Console script `nanodo`: a first argument picks train (the default), sample, eval or plot."""
   argv = list(sys.argv)
   command = argv.pop(1) if len(argv) > 1 and argv[1] in _COMMANDS else 'train'
-  app.run(_COMMANDS[command], argv=argv)
+  app.run(_COMMANDS[command], argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

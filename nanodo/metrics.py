@@ -98,6 +98,29 @@ def git_commit() -> str | None:
   return commit + ('+dirty' if dirty else '')
 
 
+def drop_rows_after(workdir: str, step: int) -> None:
+  """Rewrites workdir/metrics.jsonl without the rows of later steps and without a torn last line.
+
+  A resumed run then logs each step once. The file is replaced atomically.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step and line.endswith('\n'):
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line torn by a kill mid-write
+  if kept != lines:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+
+
 class Writer:
   """Writes metrics of logged steps to every sink from one call.
 
@@ -113,7 +136,8 @@ class Writer:
     if not is_main:
       return
     self._file = open(self.path, 'a', encoding='utf-8')
-    self._tb = tensorboardX.SummaryWriter(c.workdir)
+    # A resumed run's TensorBoard hides the events of steps after the restored one.
+    self._tb = tensorboardX.SummaryWriter(c.workdir, purge_step=step + 1 if step else None)
     hparams = {'step': step, 'time': time.time(), 'config': json.loads(c.to_json_best_effort()),
                'versions': versions(), 'git_commit': git_commit()}
     with open(os.path.join(c.workdir, 'hparams.jsonl'), 'a', encoding='utf-8') as f:

@@ -12,11 +12,10 @@ from typing import TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import sentencepiece as spm
 from flax import nnx
 
-from nanodo import sharding, tokenizer, train
+from nanodo import checkpoint, sharding, tokenizer, train
 from nanodo.model import LayerCache, ModelConfig, TransformerDecoder, init_cache
 from nanodo.optimizer import PyTree
 from nanodo.progress import Progress
@@ -74,7 +73,7 @@ def load(workdir: str, step: int | None = None) -> Model:
   with open(config_path, encoding='utf-8') as f:
     c = json.load(f)
   checkpoints = os.path.join(workdir, 'checkpoints')
-  mngr = train.checkpoint_manager(checkpoints)
+  mngr = checkpoint.manager(checkpoints)
   try:
     steps = sorted(mngr.all_steps()) if os.path.isdir(checkpoints) else []
     if not steps:
@@ -86,15 +85,10 @@ def load(workdir: str, step: int | None = None) -> Model:
     cfg = ModelConfig(V=sp.vocab_size(), **c['model'])
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0))))
     shardings = sharding.state_shardings(abstract, sharding.make_mesh())
-    target = {'params': jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)}
-    # Parameters only: the optimizer state (twice their size) and the data iterator stay on disk.
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+    params = checkpoint.restore_params(mngr, step, abstract, shardings)
   finally:
     mngr.close()
-  return Model(cfg, graphdef, restored['state']['params'], sp, step, c)
+  return Model(cfg, graphdef, params, sp, step, c)
 
 
 def check_request(prompts: list[str], max_new_tokens: int, num_samples: int) -> None:

@@ -41,23 +41,27 @@ def _sentences(texts: Iterable[str]) -> Iterable[str]:
 def train(texts: Iterable[str], vocab_size: int, path: str) -> spm.SentencePieceProcessor:
   """Trains a lossless BPE model (text round-trips byte for byte) and saves it."""
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_sentences(texts)),
-      model_writer=model,
-      model_type='bpe',
-      vocab_size=vocab_size,
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      split_digits=True,
-      byte_fallback=True,
-      allow_whitespace_only_pieces=True,
-      character_coverage=1.0,
-      max_sentence_length=_MAX_SENTENCE_BYTES,
-      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      num_threads=os.cpu_count() or 1,
-      minloglevel=2,
-  )
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_sentences(texts)),
+        model_writer=model,
+        model_type='bpe',
+        vocab_size=vocab_size,
+        normalization_rule_name='identity',
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        byte_fallback=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+  except RuntimeError as e:  # e.g. a vocabulary larger than the corpus allows
+    raise ValueError(f'vocab_size={vocab_size} is not valid for this corpus: '
+                     f'{str(e).split("] ")[-1]}') from None
   tmp = path + '.tmp'
   with open(tmp, 'wb') as f:
     f.write(model.getvalue())

@@ -1,11 +1,13 @@
-"""Train state, the jitted step, the loop, checkpoints."""
+"""Train state, the jitted step, the loop, a graceful stop on SIGINT or SIGTERM."""
 
+import contextlib
 import functools
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,7 +17,17 @@ import orbax.checkpoint as ocp
 import sentencepiece as spm
 from flax import nnx
 
-from nanodo import data, evaluate, metrics, optimizer, sharding, tokenizer
+from nanodo import (
+  checkpoint,
+  data,
+  evaluate,
+  metrics,
+  optimizer,
+  sharding,
+  tokenizer,
+  validate,
+  workdir,
+)
 from nanodo.model import ModelConfig, TransformerDecoder
 from nanodo.optimizer import PyTree
 from nanodo.progress import Progress, fmt
@@ -119,42 +131,73 @@ def get_tokenizer(c: ml_collections.ConfigDict,
                   train_docs: list[str]) -> spm.SentencePieceProcessor:
   """The tokenizer of tokenizer_path; else one trained into the workdir."""
   if path := tokenizer_path(c):
-    return tokenizer.load(path)
+    sp = tokenizer.load(path)
+    if not c.vocab_path and sp.vocab_size() != c.vocab_size:
+      raise ValueError(f'vocab_size={c.vocab_size} is not valid: {os.path.dirname(path)} holds a '
+                       f'tokenizer of {sp.vocab_size()} pieces; set vocab_size={sp.vocab_size()}.')
+    return sp
   print(f'Training a {c.vocab_size}-piece SentencePiece tokenizer on {c.ds_name}...', flush=True)
   return tokenizer.train(train_docs, c.vocab_size, os.path.join(c.workdir, TOKENIZER_FILE))
 
 
-def checkpoint_manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-  """Orbax manager of 'state' (model, optimizer, step) and 'data' (Grain iterator) items."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=max_to_keep is not None)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def restore(mngr: ocp.CheckpointManager, state: PyTree, shardings: PyTree,
-            data_iter: grain.DatasetIterator) -> PyTree:
-  """Latest state of mngr, placed with shardings; data_iter is moved to its position."""
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
-  restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
-  return restored['state']
-
-
 def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
-  if not np.isfinite(step_metrics['loss']):
+  """Stops before a non-finite state is logged as good or saved over a good checkpoint."""
+  bad = {k: v for k, v in step_metrics.items() if not np.isfinite(v)}
+  if bad:
     raise FloatingPointError(
-        f'Loss is {step_metrics["loss"]} at step {step}; stopping. Checkpoints written before '
-        'this step are kept.')
+        f'Training diverged at step {step}: {", ".join(f"{k} is {v}" for k, v in bad.items())}. '
+        'Stopped without saving this state; the checkpoints of earlier steps are kept.')
+
+
+class StopSignal:
+  """On SIGINT or SIGTERM, records it so that the loop ends after its step with a checkpoint.
+
+  A second signal acts at once. Ignored signals stay ignored; only the main thread can handle
+  signals, elsewhere this is a no-op.
+  """
+
+  def __init__(self):
+    self.name = ''
+    self._previous = {}
+
+  def __enter__(self) -> 'StopSignal':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)
+                        if signal.getsignal(s) is not signal.SIG_IGN}
+    return self
+
+  def _handle(self, signum: int, frame: object) -> None:
+    self.name = signal.Signals(signum).name
+    signal.signal(signum, self._previous[signum])
+    # os.write: print could re-enter a print the main thread was in.
+    os.write(2, f'{self.name}: stopping after this step with a checkpoint (send it again to stop '
+                'at once).\n'.encode())
+
+  def __exit__(self, *exc: object) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
-  """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval."""
+  """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval.
+
+  One run at a time per workdir. SIGINT or SIGTERM end the run after the current step and a
+  checkpoint; it then returns {}.
+  """
   os.makedirs(c.workdir, exist_ok=True)
+  with workdir.lock(c.workdir):
+    validate.check_resume(c)  # before anything of the earlier run is replaced
+    mngr = checkpoint.manager(os.path.join(c.workdir, 'checkpoints'), c.max_to_keep)
+    # Closing waits for a save in flight, also when an error or a signal ends the run.
+    with StopSignal() as stop, contextlib.closing(mngr):
+      return _train(c, mngr, stop)
+
+
+def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
+           stop: StopSignal) -> dict[str, float]:
+  """The body of train_and_evaluate, in a locked workdir."""
   # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
   jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, 'compile_cache'))
-  with open(os.path.join(c.workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(c.to_json_best_effort(indent=2))
   train_docs, eval_docs = data.load_corpus(c.ds_name)
   sp = get_tokenizer(c, train_docs)
   cfg = ModelConfig(V=sp.vocab_size(), **c.model)
@@ -169,13 +212,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   train_ids = data.encode(sp, train_docs)
   data_iter = iter(data.train_dataset(train_ids, cfg.L, c.batch_size, c.seed))
   eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)
-  mngr = checkpoint_manager(os.path.join(c.workdir, 'checkpoints'), c.max_to_keep)
   if mngr.latest_step() is not None:
-    state = restore(mngr, state, shardings, data_iter)
+    state = checkpoint.restore(mngr, state, shardings, data_iter)
   elif c.checkpoint_restore_dir:
-    state = restore(checkpoint_manager(os.path.join(c.checkpoint_restore_dir, 'checkpoints')),
-                    state, shardings, data_iter)
+    other = checkpoint.manager(os.path.join(c.checkpoint_restore_dir, 'checkpoints'))
+    with contextlib.closing(other):
+      state = checkpoint.restore(other, state, shardings, data_iter, set_aside=False)
   step = int(state['step'])
+  workdir.write_config(c)
   progress = Progress()
   counts = metrics.param_counts(state['params'])
   progress.log(f'model: {counts["all"] / 1e6:.2f}M parameters ({counts["embedding"] / 1e6:.2f}M '
@@ -189,6 +233,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
                f'{cfg.V} pieces')
   progress.log(f'starting at step {step} of {c.opt.num_train_steps}.')
 
+  # Rows of steps after the restored one come from a run killed before its next checkpoint.
+  metrics.drop_rows_after(c.workdir, step)
   writer = metrics.Writer(c, step)
   peak_flops = c.peak_tflops * 1e12 or metrics.matmul_flops_per_sec() * jax.device_count()
   task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
@@ -201,7 +247,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   pending, t_last = None, time.time()
   result = {}
   try:
-    while step < c.opt.num_train_steps:
+    while step < c.opt.num_train_steps and not stop.name:
       if trace and step == trace.start:
         jax.profiler.start_trace(c.workdir)
       state, step_metrics = step_fn(state, jax.device_put(next(data_iter), batch_sharding))
@@ -217,22 +263,27 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
                      f'{os.path.join(c.workdir, "plugins", "profile")}')
       if step % c.checkpoint_every_steps == 0 or step == c.opt.num_train_steps:
         t_last, pending = log(*pending, t_last), None
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
+        checkpoint.save(mngr, step, state, data_iter)
       if step % c.eval_every_steps == 0 or step == c.opt.num_train_steps:
         if pending:
           t_last, pending = log(*pending, t_last), None
         result = _evaluate(writer, progress, step, graphdef, state['params'], eval_data,
                            batch_sharding)
         t_last = time.time()
-    if not result:  # Already trained to the end: evaluate what is there.
+    if stop.name and step < c.opt.num_train_steps:
+      if pending:
+        log(*pending, t_last)
+      if mngr.latest_step() != step:
+        checkpoint.save(mngr, step, state, data_iter)
+      progress.log(f'Stopped by {stop.name} at step {step}, checkpoint saved. Run the same '
+                   'command to resume.')
+      result = {}
+    elif not result:  # Already trained to the end: evaluate what is there.
       result = _evaluate(writer, progress, step, graphdef, state['params'], eval_data,
                          batch_sharding)
   finally:
     progress.close()
     writer.close()
-  mngr.wait_until_finished()
-  mngr.close()
   return result
 
 

@@ -1,14 +1,21 @@
 """Checks a config before any compile or write; errors name the key, value and what is valid."""
 
 import importlib.util
+import math
+import os
 import re
 
 import jax
 import ml_collections
 
-from nanodo import data, model, optimizer, tokenizer
+from nanodo import data, model, optimizer, tokenizer, workdir
+from nanodo.configs import default
 
 DTYPES = ('float32', 'bfloat16')
+# Model keys that change only how the model computes, not its parameters.
+_COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.remat_policy', 'model.attention')
+# Besides the model's shape: the keys that fix the tokens and the order of the data.
+_PINNED = ('ds_name', 'vocab_path', 'vocab_size', 'seed', 'batch_size', 'opt.optimizer')
 
 
 class ConfigError(ValueError):
@@ -20,15 +27,70 @@ def _require(ok: bool, key: str, value: object, valid: str) -> None:
     raise ConfigError(f'{key}={value!r} is not valid: {valid}.')
 
 
+def _flat(tree: dict, prefix: str = '') -> dict[str, object]:
+  """{'model.D': 128, ...} from nested dicts."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _check_types(flat: dict[str, object]) -> None:
+  """Every key is one of default.py's, with the type of its default (ints pass as floats)."""
+  declared = _flat(default.get_config().to_dict())
+  for key in flat:
+    _require(key in declared, key, flat[key], 'not a config key; the keys are those of '
+             'nanodo/configs/default.py')
+  for key, d in declared.items():
+    _require(key in flat, key, None, 'missing; every key of nanodo/configs/default.py is needed')
+    v = flat[key]
+    if isinstance(d, bool):
+      _require(isinstance(v, bool), key, v, 'must be True or False')
+    elif isinstance(d, int):
+      _require(isinstance(v, int) and not isinstance(v, bool), key, v, 'must be an integer')
+    elif isinstance(d, float):
+      _require(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), key,
+               v, 'must be a finite number')
+    elif isinstance(d, str):
+      _require(isinstance(v, str), key, v, 'must be a string')
+
+
+def _check_paths(c: ml_collections.ConfigDict) -> None:
+  """The workdir can be created; the tokenizer and the run to restore from exist."""
+  _require(bool(c.workdir), 'workdir', c.workdir,
+           'give a directory, e.g. --config.workdir=/tmp/nanodo')
+  _require(not os.path.exists(c.workdir) or os.path.isdir(c.workdir), 'workdir', c.workdir,
+           'exists and is not a directory')
+  parent = os.path.abspath(c.workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  _require(os.access(parent, os.W_OK | os.X_OK), 'workdir', c.workdir,
+           f'{parent} is not writable')
+  if c.vocab_path:
+    try:
+      tokenizer.load(c.vocab_path)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if c.checkpoint_restore_dir:
+    checkpoints = os.path.join(c.checkpoint_restore_dir, 'checkpoints')
+    steps = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+    _require(any(s.isdigit() for s in steps), 'checkpoint_restore_dir', c.checkpoint_restore_dir,
+             'a nanodo workdir with checkpoints (it has no checkpoints/<step>)')
+
+
 def check(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first bad value of c."""
-  _require(bool(c.workdir), 'workdir', c.workdir, 'give a directory, e.g. --config.workdir=/tmp/nanodo')
+  _check_types(_flat(c.to_dict()))
+  _check_paths(c)
   for key in ('batch_size', 'eval_batch_size', 'vocab_size', 'log_every_steps', 'eval_every_steps',
               'checkpoint_every_steps', 'max_to_keep'):
-    _require(isinstance(c[key], int) and c[key] > 0, key, c[key], 'must be a positive integer')
+    _require(c[key] > 0, key, c[key], 'must be a positive integer')
+  _require(0 <= c.seed < 2**32, 'seed', c.seed, 'must be in [0, 2**32)')
   for key in ('D', 'H', 'L', 'N', 'F'):
-    _require(isinstance(c.model[key], int) and c.model[key] > 0, f'model.{key}', c.model[key],
-             'must be a positive integer')
+    _require(c.model[key] > 0, f'model.{key}', c.model[key], 'must be a positive integer')
   _require(c.model.L >= 2, 'model.L', c.model.L, 'must be at least 2')
   _require(c.model.D % c.model.H == 0, 'model.D', c.model.D,
            f'must be divisible by model.H={c.model.H}')
@@ -56,22 +118,18 @@ def check(c: ml_collections.ConfigDict) -> None:
   _require(c.ds_name in data.CORPORA, 'ds_name', c.ds_name, f'one of {sorted(data.CORPORA)}')
   _require(c.vocab_size > tokenizer.EOS_ID + 256, 'vocab_size', c.vocab_size,
            f'must exceed {tokenizer.EOS_ID + 256} (special pieces and 256 byte pieces)')
-  if c.vocab_path:
-    try:
-      tokenizer.load(c.vocab_path)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
   o = c.opt
   _require(o.optimizer in optimizer.OPTIMIZERS, 'opt.optimizer', o.optimizer,
            f'one of {optimizer.OPTIMIZERS}')
   _require(o.decay_type in optimizer.SCHEDULES, 'opt.decay_type', o.decay_type,
            f'one of {optimizer.SCHEDULES}')
-  _require(isinstance(o.num_train_steps, int) and o.num_train_steps > 0, 'opt.num_train_steps',
-           o.num_train_steps, 'must be a positive integer')
-  _require(isinstance(o.warmup_steps, int) and 0 <= o.warmup_steps, 'opt.warmup_steps',
-           o.warmup_steps, 'must be a non-negative integer')
+  _require(o.num_train_steps > 0, 'opt.num_train_steps', o.num_train_steps,
+           'must be a positive integer')
+  _require(o.warmup_steps >= 0, 'opt.warmup_steps', o.warmup_steps,
+           'must be a non-negative integer')
   _require(o.peak_learning_rate > 0, 'opt.peak_learning_rate', o.peak_learning_rate, 'must be > 0')
-  for key in ('init_learning_rate', 'final_learning_rate', 'weight_decay', 'eps'):
+  for key in ('init_learning_rate', 'final_learning_rate', 'weight_decay', 'eps',
+              'clip_by_global_norm'):
     _require(o[key] >= 0, f'opt.{key}', o[key], 'must be >= 0')
   _require(0 <= o.wsd_decay_fraction <= 1, 'opt.wsd_decay_fraction', o.wsd_decay_fraction,
            'must be in [0, 1]')
@@ -87,3 +145,25 @@ def check(c: ml_collections.ConfigDict) -> None:
                       "'regex=number,...', e.g. 'embed=0.5,blocks/0/=2'.") from None
   for key in ('b1', 'b2'):
     _require(0 <= o[key] < 1, f'opt.{key}', o[key], 'must be in [0, 1)')
+
+
+def check_resume(c: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir, or start from checkpoint_restore_dir, with a changed model
+  shape, tokenizer or data: what the checkpoints and their data position were made with.
+  """
+  previous, source = workdir.read_config(c.workdir), f'workdir={c.workdir!r}'
+  pinned = _PINNED
+  if previous is None and c.checkpoint_restore_dir:
+    # Another run's weights and tokenizer, on data of this run's choosing.
+    previous = workdir.read_config(c.checkpoint_restore_dir)
+    source = f'checkpoint_restore_dir={c.checkpoint_restore_dir!r}'
+    pinned = ('vocab_path', 'vocab_size')
+  if previous is None:
+    return
+  new, old = _flat(c.to_dict()), {**_flat(default.get_config().to_dict()), **_flat(previous)}
+  keys = [k for k in new if k.startswith('model.') and k not in _COMPUTE_ONLY] + list(pinned)
+  changed = [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old.get(k) != new[k]]
+  if changed:
+    raise ConfigError(f'{source} holds a run started with another config, and resuming may not '
+                      f'change the model shape, tokenizer or data: {"; ".join(changed)}. Set '
+                      'these back, or give a new workdir.')

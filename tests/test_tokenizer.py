@@ -1,5 +1,7 @@
 """SentencePiece: lossless round trip, training, bad files."""
 
+import os
+
 import pytest
 from conftest import VOCAB
 
@@ -30,3 +32,10 @@ def test_unreadable_model_gives_a_clear_error(tmp_path):
     tokenizer.load(str(bad))
   with pytest.raises(ValueError, match='missing.model'):
     tokenizer.load(str(tmp_path / 'missing.model'))
+
+
+def test_a_vocabulary_too_large_for_the_corpus_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match=r'^vocab_size=5000 is not valid for this corpus: .*<= \d+'):
+    tokenizer.train(['the quick brown fox jumps over the lazy dog\n'] * 20, 5000,
+                    str(tmp_path / 'sp.model'))
+  assert not os.listdir(tmp_path)

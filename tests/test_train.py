@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,3 +124,13 @@ def test_logged_mfu_uses_the_given_peak(tmp_path):
       nnx.state(TransformerDecoder(cfg, nnx.Rngs(0))), cfg.D, cfg.L, cfg.N, cfg.V)
   for r in rows:
     assert r['mfu'] == pytest.approx(r['tokens_per_sec'] * per_token / 1e9, rel=1e-6)
+
+
+def test_a_workdir_tokenizer_of_another_size_is_not_reused_silently(tmp_path):
+  shutil.copy(VOCAB, tmp_path / train.TOKENIZER_FILE)
+  c = tiny_config(str(tmp_path), vocab_path='', vocab_size=2048)
+  with pytest.raises(ValueError, match=r'^vocab_size=2048 is not valid: .* holds a tokenizer of '
+                     r'1024 pieces; set vocab_size=1024\.'):
+    train.get_tokenizer(c, [])
+  c.vocab_size = 1024
+  assert train.get_tokenizer(c, []).vocab_size() == 1024

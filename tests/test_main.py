@@ -43,8 +43,9 @@ def test_restart_continues_from_the_checkpoint_with_the_same_data(tmp_path):
 
 
 def _cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, os.path.join(os.path.dirname(train.__file__), 'main.py'),
-         f'--config={os.path.join(os.path.dirname(train.__file__), "configs", "default.py")}', *args]
+  source = os.path.dirname(train.__file__)
+  cmd = [sys.executable, os.path.join(source, 'main.py'),
+         f'--config={os.path.join(source, "configs", "default.py")}', *args]
   return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
 
 

@@ -2,10 +2,11 @@
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nanodo import sample, train, validate
+from nanodo import sample, sharding, train, validate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
 # `nanodo sample` flags.
@@ -30,10 +31,13 @@ def _train(argv: list[str]) -> None:
     sys.exit('Give a config, e.g. --config=nanodo/configs/default.py')
   try:
     validate.check(c)
+    sharding.initialize_distributed(c.distributed)
+    validate.check_devices(c, jax.device_count())
     result = train.train_and_evaluate(c)
-  except (ValueError, FloatingPointError) as e:
+  except (ValueError, FloatingPointError, ConnectionError) as e:
     sys.exit(f'error: {e}')
-  print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+  if jax.process_index() == 0:
+    print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
 
 
 def _prompts() -> list[str]:

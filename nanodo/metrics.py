@@ -45,13 +45,22 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
-class Writer:
-  """Appends one JSON object per logged step to workdir/metrics.jsonl; prints some."""
+def log(message: str) -> None:
+  """Prints a line from process 0 only: the other processes of a run would repeat it."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
-  def __init__(self, workdir: str, is_main: bool = True):
-    self.is_main = is_main
+
+class Writer:
+  """Appends one JSON object per logged step to workdir/metrics.jsonl; prints some.
+
+  Only process 0 writes: every process computes the same metrics.
+  """
+
+  def __init__(self, workdir: str):
+    self.is_main = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._file = open(self.path, 'a', encoding='utf-8') if is_main else None
+    self._file = open(self.path, 'a', encoding='utf-8') if self.is_main else None
 
   def write(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
     """Writes metrics of one step; flushes so a crash loses nothing logged."""

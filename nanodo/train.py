@@ -14,6 +14,9 @@ import optax
 import orbax.checkpoint as ocp
 import sentencepiece as spm
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nanodo import data, evaluate, metrics, optimizer, sharding, tokenizer
 from nanodo.model import ModelConfig, TransformerDecoder
@@ -46,17 +49,49 @@ def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array, label_smo
   return objective, parts
 
 
+def _weighted_grads(params: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
+                    label_smoothing: float,
+                    z_loss: float) -> tuple[PyTree, dict[str, jax.Array], jax.Array]:
+  """Gradient and loss parts of one micro-batch, each times its number of targets; that number.
+
+  Weighted by their targets, micro-batches add up to exactly the mean over the whole batch.
+  """
+  count = jnp.sum(evaluate.get_in_out(in_BxL)[2])
+  weighted = lambda p: jax.tree.map(lambda v: v * count,
+                                    loss_fn(p, graphdef, in_BxL, label_smoothing, z_loss))
+  (_, parts), grads = jax.value_and_grad(weighted, has_aux=True)(params)
+  return grads, parts, count
+
+
+def _accumulate(sums: tuple, in_BxL: jax.Array, *, params: PyTree, **kwargs) -> tuple[tuple, None]:
+  """The running sums of _weighted_grads with one more micro-batch added."""
+  return jax.tree.map(jnp.add, sums, _weighted_grads(params, in_BxL, **kwargs)), None
+
+
 def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float = 0.0,
+               grad_accumulation_steps: int = 1, label_smoothing: float = 0.0,
                z_loss: float = 0.0) -> tuple[PyTree, dict[str, jax.Array]]:
-  """One optimizer update: new state and the step's metrics."""
-  (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state['params'], graphdef, in_BxL, label_smoothing, z_loss)
+  """One optimizer update on the mean loss over in_BxL: new state and the step's metrics.
+
+  The batch goes through the model as grad_accumulation_steps micro-batches (A), the first on
+  its own, the others in a scan (none when A is 1): their gradients are summed in one jit.
+  """
+  A = grad_accumulation_steps
+  B, L = in_BxL.shape
+  # Micro-batch i takes rows i, i + A, i + 2A, ...: each device's rows stay on the device.
+  in_AxBxL = in_BxL.reshape(B // A, A, L).swapaxes(0, 1)
+  kwargs = {'graphdef': graphdef, 'label_smoothing': label_smoothing, 'z_loss': z_loss}
+  sums = _weighted_grads(state['params'], in_AxBxL[0], **kwargs)
+  sums, _ = jax.lax.scan(functools.partial(_accumulate, params=state['params'], **kwargs), sums,
+                         in_AxBxL[1:])
+  grads, parts, count = sums
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   step_metrics = {
-      **parts,
+      **{k: v / count for k, v in parts.items()},
       'learning_rate': schedule(state['step']),
       'grad_norm': metrics.global_norm(grads),
       'update_norm': metrics.global_norm(updates),
@@ -67,14 +102,19 @@ def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
 
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, shardings: PyTree,
-                   batch_sharding: jax.sharding.Sharding, label_smoothing: float = 0.0,
-                   z_loss: float = 0.0) -> Callable:
-  """train_step jitted once, with the state's shardings and its buffers donated."""
+                   batch_sharding: jax.sharding.NamedSharding, grad_accumulation_steps: int = 1,
+                   label_smoothing: float = 0.0, z_loss: float = 0.0) -> Callable:
+  """train_step jitted once, with the state's shardings and its buffers donated.
+
+  Call it with the mesh in context (jax.set_mesh), so that the model splits activations along B.
+  Metrics come back replicated, so that every process can read them.
+  """
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                           grad_accumulation_steps=grad_accumulation_steps,
                            label_smoothing=label_smoothing, z_loss=z_loss)
-  return jax.jit(step,
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
+  replicated = NamedSharding(batch_sharding.mesh, P())
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
@@ -89,15 +129,27 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
   return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def get_tokenizer(c: ml_collections.ConfigDict, train_docs: list[str]) -> spm.SentencePieceProcessor:
-  """vocab_path; else the workdir's (or restore dir's) tokenizer; else train one."""
-  if c.vocab_path:
-    return tokenizer.load(c.vocab_path)
+def _saved_tokenizer(c: ml_collections.ConfigDict) -> str | None:
+  """The workdir's (or else the restore dir's) tokenizer file, if there is one."""
   for d in (c.workdir, c.checkpoint_restore_dir):
     if d and os.path.exists(os.path.join(d, TOKENIZER_FILE)):
-      return tokenizer.load(os.path.join(d, TOKENIZER_FILE))
-  print(f'Training a {c.vocab_size}-piece SentencePiece tokenizer on {c.ds_name}...', flush=True)
-  return tokenizer.train(train_docs, c.vocab_size, os.path.join(c.workdir, TOKENIZER_FILE))
+      return os.path.join(d, TOKENIZER_FILE)
+  return None
+
+
+def get_tokenizer(c: ml_collections.ConfigDict, train_docs: list[str]) -> spm.SentencePieceProcessor:
+  """vocab_path; else the workdir's (or restore dir's) tokenizer; else train one.
+
+  Process 0 trains it into the workdir; other processes wait for it, then load it.
+  """
+  if c.vocab_path:
+    return tokenizer.load(c.vocab_path)
+  if jax.process_index() == 0 and not _saved_tokenizer(c):
+    print(f'Training a {c.vocab_size}-piece SentencePiece tokenizer on {c.ds_name}...', flush=True)
+    tokenizer.train(train_docs, c.vocab_size, os.path.join(c.workdir, TOKENIZER_FILE))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('tokenizer saved')
+  return tokenizer.load(_saved_tokenizer(c))
 
 
 def checkpoint_manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
@@ -126,23 +178,32 @@ def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
 
 def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval."""
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+  # Steps are traced with the mesh in context: the model splits activations along B over it.
+  with jax.set_mesh(mesh):
+    return _train_and_evaluate(c, mesh)
+
+
+def _train_and_evaluate(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, float]:
   os.makedirs(c.workdir, exist_ok=True)
   # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
   jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, 'compile_cache'))
-  with open(os.path.join(c.workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(c.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(c.workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(c.to_json_best_effort(indent=2))
   train_docs, eval_docs = data.load_corpus(c.ds_name)
   sp = get_tokenizer(c, train_docs)
   cfg = ModelConfig(V=sp.vocab_size(), **c.model)
-  mesh = sharding.make_mesh()
   batch_sharding = sharding.batch_sharding(mesh)
 
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = init_state(cfg, tx, c.seed, mesh)
   step_fn = jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding,
-                           c.label_smoothing, c.z_loss)
+                           c.grad_accumulation_steps, c.label_smoothing, c.z_loss)
 
-  data_iter = iter(data.train_dataset(data.encode(sp, train_docs), cfg.L, c.batch_size, c.seed))
+  # Each process reads only its own rows of every batch.
+  data_iter = iter(data.train_dataset(data.encode(sp, train_docs), cfg.L, c.batch_size, c.seed,
+                                      jax.process_index(), jax.process_count()))
   eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)
   mngr = checkpoint_manager(os.path.join(c.workdir, 'checkpoints'), c.max_to_keep)
   if mngr.latest_step() is not None:
@@ -152,8 +213,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
                     state, shardings, data_iter)
   step = int(state['step'])
   num_params = sum(x.size for x in jax.tree.leaves(state['params']))
-  print(f'{num_params / 1e6:.2f}M parameters, {jax.device_count()} devices, '
-        f'starting at step {step} of {c.opt.num_train_steps}.', flush=True)
+  metrics.log(f'{num_params / 1e6:.2f}M parameters, {jax.device_count()} devices '
+              f'(mesh {dict(mesh.shape)}, {jax.process_count()} processes), '
+              f'starting at step {step} of {c.opt.num_train_steps}.')
 
   writer = metrics.Writer(c.workdir)
   peak_flops = c.peak_tflops * 1e12 or metrics.matmul_flops_per_sec() * jax.device_count()
@@ -164,7 +226,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   pending, t_last = None, time.time()
   result = {}
   while step < c.opt.num_train_steps:
-    state, step_metrics = step_fn(state, jax.device_put(next(data_iter), batch_sharding))
+    state, step_metrics = step_fn(state, sharding.global_batch(next(data_iter), batch_sharding))
     step += 1
     # The host reads the previous step's metrics while the device runs this one.
     if pending:

@@ -75,8 +75,13 @@ def eight_devices() -> dict:
   return {**json.loads(lines[0]), 'log': lines[1:]}
 
 
-def test_8_devices_train_as_1_device_does(eight_devices):
-  one = train_steps(1, -1)
+@pytest.fixture(scope='module')
+def one_device() -> dict:
+  return train_steps(1, -1)
+
+
+def test_8_devices_train_as_1_device_does(eight_devices, one_device):
+  one = one_device
   for run in ('fsdp8', 'data2_fsdp4'):
     np.testing.assert_allclose(eight_devices[run]['losses'], one['losses'], rtol=1e-5, err_msg=run)
   assert one['losses'][-1] < one['losses'][0]  # the steps learn
@@ -91,7 +96,8 @@ def test_each_device_holds_an_eighth_of_every_sharded_weight_and_its_optimizer_s
     assert num_devices == 8, name
     if len(shape) >= 2:
       assert np.prod(local) * 8 == np.prod(shape), name
-      assert sum(a != b for a, b in zip(shape, local, strict=True)) == 1, name  # split along one dimension
+      # Split along one dimension.
+      assert sum(a != b for a, b in zip(shape, local, strict=True)) == 1, name
     else:  # LayerNorm scales, counters: replicated
       assert local == shape, name
   assert shapes['params/blocks/0/mlp/wi_DxF/value'][1] == [32 // 8, 64]
@@ -111,9 +117,9 @@ def test_a_dimension_the_axis_does_not_divide_is_replicated_with_one_line(eight_
       'wo_FxD (36, 32).', 'P(None, None)']
 
 
-def test_accumulating_4_micro_batches_equals_one_step_of_the_batch():
-  whole, accumulated = train_steps(1, -1, B=8), train_steps(1, -1, grad_accumulation_steps=4, B=8)
-  np.testing.assert_allclose(accumulated['losses'], whole['losses'], rtol=1e-5)
+def test_accumulating_4_micro_batches_equals_one_step_of_the_batch(one_device):
+  accumulated = train_steps(1, -1, grad_accumulation_steps=4)
+  np.testing.assert_allclose(accumulated['losses'], one_device['losses'], rtol=1e-5)
 
 
 def _free_port() -> int:

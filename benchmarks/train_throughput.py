@@ -44,16 +44,17 @@ def bench(cfg: ModelConfig, batch_size: int, steps: int) -> dict[str, float]:
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)
   batches = [rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32) for _ in range(4)]
-  state, m = step_fn(state, batches[0])
-  jax.block_until_ready(m)
-  state, m = step_fn(state, batches[1])
-  jax.block_until_ready(m)
-  times = []
-  for i in range(steps):
-    t = time.perf_counter()
-    state, m = step_fn(state, batches[i % len(batches)])
+  with jax.set_mesh(mesh):  # the model splits activations along B over the mesh
+    state, m = step_fn(state, batches[0])
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+    state, m = step_fn(state, batches[1])
+    jax.block_until_ready(m)
+    times = []
+    for i in range(steps):
+      t = time.perf_counter()
+      state, m = step_fn(state, batches[i % len(batches)])
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
   tokens = batch_size * cfg.L
   seconds = statistics.median(times)
   return {'ms_per_step': 1e3 * seconds, 'tokens_per_s': tokens / seconds,

@@ -116,6 +116,8 @@ def restore(mngr: ocp.CheckpointManager, state: PyTree, shardings: PyTree,
       damaged.append((step, _one_line(e)))
       continue
     for bad, error in damaged:
+      if jax.process_index():  # process 0 renames and reports for the run
+        continue
       path = os.path.join(mngr.directory, str(bad))
       kept = _set_aside(path) if set_aside else path
       print(f'Checkpoint {bad} is unreadable ({error}); resuming from checkpoint {step} instead. '

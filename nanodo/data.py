@@ -43,8 +43,13 @@ def _rows(ids: np.ndarray, L: int) -> np.ndarray:
   return padded[starts[:, None] + np.arange(L)]
 
 
-def train_dataset(docs: list[np.ndarray], L: int, batch_size: int, seed: int) -> grain.IterDataset:
-  """Documents concatenated, split into rows of length L, shuffled every epoch, batched."""
+def train_dataset(docs: list[np.ndarray], L: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Documents concatenated, split into rows of length L, shuffled every epoch, batched.
+
+  Of each global batch of batch_size rows, process p reads only its own share: the p-th of
+  process_count consecutive slices.
+  """
   stream = np.concatenate(docs)
   num_rows = (len(stream) - 1) // (L - 1)
   if num_rows < batch_size:
@@ -52,7 +57,8 @@ def train_dataset(docs: list[np.ndarray], L: int, batch_size: int, seed: int) ->
                      f'batch_size={batch_size}; lower batch_size or model.L.')
   rows = _rows(stream[:num_rows * (L - 1) + 1], L)
   ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
-  return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  return ds[process_index::process_count].to_iter_dataset()
 
 
 @dataclasses.dataclass(frozen=True)

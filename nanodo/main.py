@@ -35,12 +35,14 @@ def _train(argv: list[str]) -> None:
     sys.exit('Give a config, e.g. --config=nanodo/configs/default.py')
   try:
     validate.check(c)
+    sharding.initialize_distributed(c.distributed)
+    validate.check_devices(c, jax.device_count())
     result = train.train_and_evaluate(c)
-  except (ValueError, FloatingPointError) as e:
+  except (ValueError, FloatingPointError, ConnectionError) as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
     sys.exit('Interrupted; the checkpoints written so far are kept.')
-  if result:
+  if result and jax.process_index() == 0:
     print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
 
 

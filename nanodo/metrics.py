@@ -98,6 +98,12 @@ def git_commit() -> str | None:
   return commit + ('+dirty' if dirty else '')
 
 
+def log(message: str) -> None:
+  """Prints a line from process 0 only: the other processes of a run would repeat it."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def drop_rows_after(workdir: str, step: int) -> None:
   """Rewrites workdir/metrics.jsonl without the rows of later steps and without a torn last line.
 
@@ -127,13 +133,14 @@ class Writer:
   Always: workdir/metrics.jsonl (one object per call, flushed at once) and TensorBoard event files
   in the workdir; with c.wandb_project, a Weights & Biases run (resumed with the workdir). The
   hyper-parameters (config, package versions, git commit) are recorded once, at construction.
+  Only process 0 writes: every process computes the same metrics.
   """
 
-  def __init__(self, c: ml_collections.ConfigDict, step: int, is_main: bool = True):
-    self.is_main = is_main
+  def __init__(self, c: ml_collections.ConfigDict, step: int):
+    self.is_main = jax.process_index() == 0
     self.path = os.path.join(c.workdir, 'metrics.jsonl')
     self._file = self._tb = self._wandb = None
-    if not is_main:
+    if not self.is_main:
       return
     self._file = open(self.path, 'a', encoding='utf-8')
     # A resumed run's TensorBoard hides the events of steps after the restored one.

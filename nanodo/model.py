@@ -20,9 +20,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-# FSDP: every weight is sharded over the 'fsdp' mesh axis along one dimension.
-FSDP = 'fsdp'
+# FSDP: every weight is sharded over the 'fsdp' mesh axis along one dimension, and copied
+# over the 'data' axis (data parallel).
+FSDP, DATA = 'fsdp', 'data'
+# Batches are split along B over every device.
+BATCH = (DATA, FSDP)
 
 POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
@@ -84,6 +88,17 @@ def rope(x_BxLxHxK: jax.Array, pos_BxL: jax.Array, base: float) -> jax.Array:
   sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
+
+
+def _split_batch(x_BxLxD: jax.Array) -> jax.Array:
+  """x_BxLxD split along B over the mesh in context (jax.set_mesh), if there is one.
+
+  Otherwise jit may follow the embedding's sharding and split activations along D: devices
+  would then exchange activations in every layer instead of gathering weights.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return x_BxLxD
+  return jax.lax.with_sharding_constraint(x_BxLxD, P(BATCH))
 
 
 class Attention(nnx.Module):
@@ -204,7 +219,7 @@ class TransformerDecoder(nnx.Module):
 
   def __call__(self, x_BxL: jax.Array) -> jax.Array:
     pos_BxL = jnp.broadcast_to(jnp.arange(x_BxL.shape[1]), x_BxL.shape)
-    x_BxLxD = self._embed(x_BxL, pos_BxL)
+    x_BxLxD = _split_batch(self._embed(x_BxL, pos_BxL))
     block_fn = Block.__call__
     if self.cfg.remat:
       block_fn = nnx.remat(block_fn, policy=getattr(jax.checkpoint_policies, self.cfg.remat_policy))

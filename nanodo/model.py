@@ -114,11 +114,13 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm, self.k_norm = _norm(cfg, K, rngs), _norm(cfg, K, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array,
-               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, cache: LayerCache | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     """Attends from the tokens at pos_BxL to positions <= their own.
 
-    With a cache (decoding), the new keys and values are first written into it at pos_BxL.
+    With a cache (decoding), the new keys and values are first written into it at pos_BxL. With
+    segment ids (packed rows, positions restarting per segment), a token attends to the tokens
+    before it in its own segment only.
     """
     dtype = x_BxLxD.dtype
     B, L, D = x_BxLxD.shape
@@ -139,8 +141,12 @@ class Attention(nnx.Module):
       k_BxMxGxK = cache[0].at[b_Bx1, pos_BxL].set(k_BxLxGxK)
       v_BxMxGxK = cache[1].at[b_Bx1, pos_BxL].set(v_BxLxGxK)
       cache = (k_BxMxGxK, v_BxMxGxK)
-    # Causal by position: in a cache, entries past a row's position are stale or padding.
-    visible_BxLxM = jnp.arange(k_BxMxGxK.shape[1]) <= pos_BxL[..., None]
+    if segment_ids_BxL is None:
+      # Causal by position: in a cache, entries past a row's position are stale or padding.
+      visible_BxLxM = jnp.arange(k_BxMxGxK.shape[1]) <= pos_BxL[..., None]
+    else:
+      visible_BxLxM = (jnp.tril(jnp.ones((1, L, L), bool))
+                       & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]))
     out_BxLxHxK = self._attend(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_BxLxM)
     out_TxHxK = out_BxLxHxK.reshape(B * L, *out_BxLxHxK.shape[-2:])
     out_TxD = jnp.einsum('THK,HKD->TD', out_TxHxK, self.wo_HxKxD[...].astype(dtype))
@@ -197,9 +203,9 @@ class Block(nnx.Module):
     self.ln2 = _norm(cfg, cfg.D, rngs)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array,
-               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-    h_BxLxD, cache = self.attn(self.ln1(x_BxLxD), pos_BxL, cache)
+  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, cache: LayerCache | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+    h_BxLxD, cache = self.attn(self.ln1(x_BxLxD), pos_BxL, cache, segment_ids_BxL)
     x_BxLxD = x_BxLxD + h_BxLxD
     return x_BxLxD + self.mlp(self.ln2(x_BxLxD)), cache
 
@@ -217,14 +223,17 @@ class TransformerDecoder(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.N)])
     self.ln_f = _norm(cfg, cfg.D, rngs)
 
-  def __call__(self, x_BxL: jax.Array) -> jax.Array:
-    pos_BxL = jnp.broadcast_to(jnp.arange(x_BxL.shape[1]), x_BxL.shape)
+  def __call__(self, x_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+               pos_BxL: jax.Array | None = None) -> jax.Array:
+    """Logits; packed rows give segment ids (attention stays within each) and their positions."""
+    if pos_BxL is None:
+      pos_BxL = jnp.broadcast_to(jnp.arange(x_BxL.shape[1]), x_BxL.shape)
     x_BxLxD = _split_batch(self._embed(x_BxL, pos_BxL))
     block_fn = Block.__call__
     if self.cfg.remat:
       block_fn = nnx.remat(block_fn, policy=getattr(jax.checkpoint_policies, self.cfg.remat_policy))
     for block in self.blocks:
-      x_BxLxD, _ = block_fn(block, x_BxLxD, pos_BxL)
+      x_BxLxD, _ = block_fn(block, x_BxLxD, pos_BxL, None, segment_ids_BxL)
     return self._logits(x_BxLxD)
 
   def decode(self, x_BxL: jax.Array, pos_BxL: jax.Array,

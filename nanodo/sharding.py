@@ -92,9 +92,9 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
-def global_batch(local_BxL: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """The global batch from each process's own rows (all rows when there is one process)."""
-  return jax.make_array_from_process_local_data(sharding, local_BxL)
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """One global batch on the mesh from each process's rows (with one process: a device_put)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
 def _fits(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:

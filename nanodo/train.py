@@ -6,8 +6,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +28,8 @@ from nanodo import (
   metrics,
   optimizer,
   sharding,
+  sources,
+  token_cache,
   tokenizer,
   validate,
   workdir,
@@ -40,22 +43,23 @@ TOKENIZER_FILE = 'tokenizer.model'
 CONSOLE_METRICS = ('loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'mfu')
 
 
-def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array,
+def loss_fn(params: PyTree, graphdef: nnx.GraphDef, batch: data.Batch,
             label_smoothing: float = 0.0, z_loss: float = 0.0,
             layer_stats: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The training objective and its parts, each a mean over non-padding targets.
+  """The training objective and its parts, each a mean over targets in their input's document.
 
   'loss' is always the plain next-token cross-entropy, so curves stay comparable; label smoothing
   and the z-loss (on the log-normalizer) are reported on their own when on, and with layer_stats
   so are the statistics of every module's output.
   """
-  x_BxL, y_BxL, weights_BxL = evaluate.get_in_out(in_BxL)
+  _, y_BxL, weights_BxL = evaluate.get_in_out(batch)
   model = nnx.merge(graphdef, params)
+  inputs = (batch['x'], batch['segment_ids'], batch['positions'])
   if layer_stats:
     capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
-    logits_BxLxV, outputs = capture(x_BxL)
+    logits_BxLxV, outputs = capture(*inputs)
   else:
-    logits_BxLxV, outputs = model(x_BxL), {}
+    logits_BxLxV, outputs = model(*inputs), {}
   logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   mean = lambda v_BxL: jnp.sum(v_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
   parts = {'loss': mean(logz_BxL - jnp.take_along_axis(logits_BxLxV, y_BxL[..., None], -1)[..., 0])}
@@ -71,30 +75,30 @@ def loss_fn(params: PyTree, graphdef: nnx.GraphDef, in_BxL: jax.Array,
   return objective, parts | metrics.tree_stats('act', outputs)
 
 
-def _weighted_grads(params: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
+def _weighted_grads(params: PyTree, batch: data.Batch, *, graphdef: nnx.GraphDef,
                     label_smoothing: float, z_loss: float,
                     layer_stats: bool) -> tuple[PyTree, dict[str, jax.Array], jax.Array]:
   """Gradient and loss parts of one micro-batch, each times its number of targets; that number.
 
   Weighted by their targets, micro-batches add up to exactly the mean over the whole batch.
   """
-  count = jnp.sum(evaluate.get_in_out(in_BxL)[2])
+  count = jnp.sum(evaluate.get_in_out(batch)[2])
   weighted = lambda p: jax.tree.map(
-      lambda v: v * count, loss_fn(p, graphdef, in_BxL, label_smoothing, z_loss, layer_stats))
+      lambda v: v * count, loss_fn(p, graphdef, batch, label_smoothing, z_loss, layer_stats))
   (_, parts), grads = jax.value_and_grad(weighted, has_aux=True)(params)
   return grads, parts, count
 
 
-def _accumulate(sums: tuple, in_BxL: jax.Array, *, params: PyTree, **kwargs) -> tuple[tuple, None]:
+def _accumulate(sums: tuple, batch: data.Batch, *, params: PyTree, **kwargs) -> tuple[tuple, None]:
   """The running sums of _weighted_grads with one more micro-batch added."""
-  return jax.tree.map(jnp.add, sums, _weighted_grads(params, in_BxL, **kwargs)), None
+  return jax.tree.map(jnp.add, sums, _weighted_grads(params, batch, **kwargs)), None
 
 
-def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
+def train_step(state: PyTree, batch: data.Batch, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float = 0.0, z_loss: float = 0.0, layer_stats: bool = False,
                grad_accumulation_steps: int = 1) -> tuple[PyTree, dict[str, jax.Array]]:
-  """One optimizer update on the mean loss over in_BxL: new state and the step's metrics.
+  """One optimizer update on the mean loss over a batch: new state and the step's metrics.
 
   The batch goes through the model as grad_accumulation_steps micro-batches (A), the first on
   its own, the others in a scan (none when A is 1): their gradients are summed in one jit.
@@ -102,15 +106,14 @@ def train_step(state: PyTree, in_BxL: jax.Array, *, graphdef: nnx.GraphDef,
   micro-batches).
   """
   A = grad_accumulation_steps
-  B, L = in_BxL.shape
   # Micro-batch i takes rows i, i + A, i + 2A, ...: each device's rows stay on the device.
-  in_AxBxL = in_BxL.reshape(B // A, A, L).swapaxes(0, 1)
+  micro = jax.tree.map(lambda v_BxL: v_BxL.reshape(-1, A, v_BxL.shape[1]).swapaxes(0, 1), batch)
   kwargs = {'graphdef': graphdef, 'label_smoothing': label_smoothing, 'z_loss': z_loss,
             'layer_stats': layer_stats}
-  sums = _weighted_grads(state['params'], in_AxBxL[0], **kwargs)
+  sums = _weighted_grads(state['params'], jax.tree.map(lambda v: v[0], micro), **kwargs)
   if A > 1:
     sums, _ = jax.lax.scan(functools.partial(_accumulate, params=state['params'], **kwargs),
-                           sums, in_AxBxL[1:])
+                           sums, jax.tree.map(lambda v: v[1:], micro))
   grads, parts, count = sums
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
@@ -174,7 +177,7 @@ def tokenizer_path(c: ml_collections.ConfigDict) -> str | None:
 
 
 def get_tokenizer(c: ml_collections.ConfigDict,
-                  train_docs: list[str]) -> spm.SentencePieceProcessor:
+                  train_docs: Iterable[str]) -> spm.SentencePieceProcessor:
   """The tokenizer of tokenizer_path; else one trained into the workdir.
 
   Process 0 trains it; the other processes wait for it, then load it.
@@ -190,6 +193,17 @@ def get_tokenizer(c: ml_collections.ConfigDict,
     raise ValueError(f'vocab_size={c.vocab_size} is not valid: {os.path.dirname(path)} holds a '
                      f'tokenizer of {sp.vocab_size()} pieces; set vocab_size={sp.vocab_size()}.')
   return sp
+
+
+def _tokens(c: ml_collections.ConfigDict, split: sources.Split,
+            sp: spm.SentencePieceProcessor) -> token_cache.Tokens:
+  """A split's tokens from the token cache; process 0 builds it while the others wait."""
+  cache_dir = c.cache_dir or os.path.join(c.workdir, 'token_cache')
+  if jax.process_index() == 0:
+    token_cache.load(split, sp, cache_dir, c.tokenize_workers)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'token cache of {split.name}')
+  return token_cache.load(split, sp, cache_dir, c.tokenize_workers)
 
 
 def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
@@ -254,8 +268,9 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: Stop
   """The body of train_and_evaluate, in a locked workdir."""
   # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
   jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, 'compile_cache'))
-  train_docs, eval_docs = data.load_corpus(c.ds_name)
-  sp = get_tokenizer(c, train_docs)
+  train_split, eval_split = (sources.get_split(c, which) for which in sources.SPLITS)
+  sp = get_tokenizer(c, train_split.documents())
+  train_tokens, eval_tokens = (_tokens(c, split, sp) for split in (train_split, eval_split))
   cfg = ModelConfig(V=sp.vocab_size(), **c.model)
   batch_sharding = sharding.batch_sharding(mesh)
 
@@ -266,11 +281,10 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: Stop
                            layer_stats=c.log_internal_metrics,
                            grad_accumulation_steps=c.grad_accumulation_steps)
 
-  train_ids = data.encode(sp, train_docs)
-  # Each process reads only its own rows of every batch.
-  data_iter = iter(data.train_dataset(train_ids, cfg.L, c.batch_size, c.seed,
-                                      jax.process_index(), jax.process_count()))
-  eval_data = data.eval_data(sp, eval_docs, cfg.L, c.eval_batch_size)
+  # Each process reads only its shard of the rows: its part of every global batch.
+  shard = grain.sharding.ShardByJaxProcess()
+  data_iter = iter(data.train_dataset(train_tokens, cfg.L, c.batch_size, c.seed, c.packing, shard))
+  eval_data = data.eval_data(eval_tokens, cfg.L, c.eval_batch_size, shard)
   if mngr.latest_step() is not None:
     state = checkpoint.restore(mngr, state, shardings, data_iter)
   elif c.checkpoint_restore_dir:
@@ -291,10 +305,10 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: Stop
                f'N{cfg.N} F{cfg.F} L{cfg.L} V{cfg.V} {cfg.dtype}')
   progress.log(f'mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
                f'device(s), {jax.process_count()} process(es)')
-  progress.log(f'data: {c.ds_name}, {len(train_docs)} train documents '
-               f'({sum(map(len, train_ids)) / 1e6:.2f}M tokens), {len(eval_docs)} held-out '
-               f'({eval_data.num_bytes / 1e6:.2f}M bytes); tokenizer: {tokenizer_path(c)}, '
-               f'{cfg.V} pieces')
+  progress.log(f'data: {c.ds_name}, {len(train_tokens.offsets) - 1} train documents '
+               f'({len(train_tokens.ids) / 1e6:.2f}M tokens, {c.packing}), '
+               f'{len(eval_tokens.offsets) - 1} held-out ({eval_data.num_bytes / 1e6:.2f}M bytes); '
+               f'tokenizer: {tokenizer_path(c)}, {cfg.V} pieces')
   progress.log(f'starting at step {step} of {c.opt.num_train_steps}.')
 
   writer = metrics.Writer(c, step)

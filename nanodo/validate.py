@@ -7,14 +7,15 @@ import re
 
 import ml_collections
 
-from nanodo import data, model, optimizer, sharding, tokenizer, workdir
+from nanodo import data, model, optimizer, sharding, sources, tokenizer, workdir
 from nanodo.configs import default
 
 DTYPES = ('float32', 'bfloat16')
 # Model keys that change only how the model computes, not its parameters.
 _COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.remat_policy', 'model.attention')
 # Besides the model's shape: the keys that fix the tokens and the order of the data.
-_PINNED = ('ds_name', 'vocab_path', 'vocab_size', 'seed', 'batch_size', 'opt.optimizer')
+_PINNED = ('ds_name', 'train_split', 'text_field', 'text_documents', 'bad_utf8', 'packing',
+           'vocab_path', 'vocab_size', 'seed', 'batch_size', 'opt.optimizer')
 
 
 class ConfigError(ValueError):
@@ -119,7 +120,16 @@ def check(c: ml_collections.ConfigDict) -> None:
   _require(c.mesh.data != -1 or c.mesh.fsdp != -1, 'mesh.data', c.mesh.data,
            'only one of mesh.data and mesh.fsdp can be -1')
   _check_distributed(c.distributed)
-  _require(c.ds_name in data.CORPORA, 'ds_name', c.ds_name, f'one of {sorted(data.CORPORA)}')
+  _require(c.packing in data.PACKINGS, 'packing', c.packing, f'one of {data.PACKINGS}')
+  _require(c.text_documents in sources.TEXT_DOCUMENTS, 'text_documents', c.text_documents,
+           f'one of {sources.TEXT_DOCUMENTS}')
+  _require(c.bad_utf8 in sources.BAD_UTF8, 'bad_utf8', c.bad_utf8, f'one of {sources.BAD_UTF8}')
+  _require(isinstance(c.tokenize_workers, int) and c.tokenize_workers > 0, 'tokenize_workers',
+           c.tokenize_workers, 'must be a positive integer (1: tokenize in this process)')
+  try:
+    sources.check(c)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _require(c.vocab_size > tokenizer.EOS_ID + 256, 'vocab_size', c.vocab_size,
            f'must exceed {tokenizer.EOS_ID + 256} (special pieces and 256 byte pieces)')
   o = c.opt

@@ -4,11 +4,13 @@ import os
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from nanodo import train
 from nanodo.configs import default
 from nanodo.model import ModelConfig
+from nanodo.token_cache import Tokens
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 VOCAB = os.path.join(TESTDATA, 'shakespeare_1024.model')
@@ -34,6 +36,12 @@ def tiny_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
   c.peak_tflops = 1.0  # for the MFU; 0 would measure a matmul at every start
   c.update(overrides)
   return c
+
+
+def tokens_of(docs: list[np.ndarray]) -> Tokens:
+  """A split's tokens held in memory, as the token cache would give them."""
+  offsets = np.cumsum([0, *map(len, docs)])
+  return Tokens(np.concatenate(docs).astype(np.uint16), offsets, num_bytes=0)
 
 
 @pytest.fixture

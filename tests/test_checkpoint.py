@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_model_config
+from conftest import tiny_config, tiny_model_config, tokens_of
 
 from nanodo import checkpoint, data, optimizer, sharding, train
 
@@ -26,7 +26,7 @@ def _setup():
   """A fresh state, its shardings and a data iterator, as the train loop has them."""
   state, shardings = _init()
   rows = np.arange(4000, dtype=np.int32) % 90 + 4
-  data_iter = iter(data.train_dataset([rows], 16, 4, 0))
+  data_iter = iter(data.train_dataset(tokens_of([rows]), 16, 4, 0))
   return state, shardings, data_iter
 
 

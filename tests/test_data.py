@@ -1,89 +1,191 @@
-"""Corpus split, rows, batches, held-out data and bits per byte."""
+"""Rows (packed and concatenated), batches, per-process shards, held-out data, bits per byte."""
 
 import math
 
+import grain
 import jax
 import numpy as np
 import pytest
-from conftest import VOCAB, tiny_model_config
+from conftest import VOCAB, tiny_model_config, tokens_of
 from flax import nnx
 
-from nanodo import data, evaluate, tokenizer
+from nanodo import data, evaluate, sources, token_cache, tokenizer
 from nanodo.model import TransformerDecoder
 
 
-def test_shakespeare_split_holds_out_every_13th_play():
-  train_docs, eval_docs = data.load_corpus('shakespeare')
-  assert (len(train_docs), len(eval_docs)) == (35, 3)
-  titles = [d.splitlines()[0] for d in eval_docs]
-  assert titles == ["# A Midsummer Night's Dream", '# Henry VI, Part 2', '# Julius Caesar']
-  assert 370_000 < sum(len(d.encode()) for d in eval_docs) < 390_000
-  assert not set(train_docs) & set(eval_docs)
+def _docs(lengths):
+  """Documents of distinct token ids (so each token says where it came from), BOS-free."""
+  start = np.cumsum([1, *lengths])
+  return [np.arange(s, s + n, dtype=np.int32) for s, n in zip(start, lengths, strict=False)]
 
 
-def test_unknown_corpus_is_refused():
-  with pytest.raises(ValueError, match="ds_name='nope'.*shakespeare"):
-    data.load_corpus('nope')
+def _epoch(ds, num_rows):
+  it = iter(ds)
+  return [{k: v[0] for k, v in next(it).items()} for _ in range(num_rows)]
 
 
-def test_encode_adds_bos_and_eos():
-  sp = tokenizer.load(VOCAB)
-  (ids,) = data.encode(sp, ['To be, or not to be'])
-  assert ids[0] == sp.bos_id() and ids[-1] == sp.eos_id()
-  assert sp.decode(ids[1:-1].tolist()) == 'To be, or not to be'
+def test_pieces_overlap_by_one_and_make_every_target_once():
+  offsets = np.array([0, 2, 9, 30, 31 + 7])
+  starts, lengths = data.chunks(offsets, L=8)
+  assert np.all((lengths >= 2) & (lengths <= 8))
+  targets = np.concatenate([np.arange(s + 1, s + n) for s, n in zip(starts, lengths, strict=True)])
+  # Every token but each document's first is a target, exactly once.
+  expected = np.setdiff1d(np.arange(offsets[-1]), offsets[:-1])
+  np.testing.assert_array_equal(np.sort(targets), expected)
+  for s, n in zip(starts, lengths, strict=True):  # no piece crosses a document boundary
+    assert np.searchsorted(offsets, s, 'right') == np.searchsorted(offsets, s + n - 1, 'right')
 
 
-def test_train_rows_cover_the_stream_and_every_target_once():
+@pytest.mark.parametrize('L', [4, 8, 16])
+def test_packed_rows_hold_whole_pieces_with_their_own_segments_and_positions(L):
+  docs = _docs([1 + (7 * i) % 23 for i in range(40)])
+  tokens = tokens_of(docs)
+  rows = data.packed_rows(tokens.offsets, L)
+  seen = []
+  for r in range(len(rows)):
+    row = data.read_row(tokens.ids, rows, L, r)
+    x, seg, pos = row['x'], row['segment_ids'], row['positions']
+    n = int(np.sum(seg > 0))
+    assert np.all(seg[:n] > 0) and not np.any(x[n:]) and not np.any(pos[n:])
+    assert np.all(np.diff(seg[:n]) >= 0) and seg[0] == 1 and np.all(np.diff(seg[:n]) <= 1)
+    for s in range(1, seg.max() + 1):
+      piece = x[seg == s]
+      np.testing.assert_array_equal(pos[seg == s], np.arange(len(piece)))  # restart per piece
+      doc = next(d for d in docs if piece[0] in d)
+      start = int(np.flatnonzero(doc == piece[0])[0])
+      np.testing.assert_array_equal(piece, doc[start:start + len(piece)])  # one document's run
+      seen.extend(piece[1:])
+  targets = np.concatenate([d[1:] for d in docs])
+  np.testing.assert_array_equal(np.sort(seen), np.sort(targets))  # every target exactly once
+  # No two rows could have been one: every pair of rows holds more than L tokens.
+  fill = np.add.reduceat(rows.lengths, rows.first[:-1])
+  assert np.sort(fill)[0] + np.sort(fill)[1] > L
+
+
+def test_packing_fills_rows_with_the_longest_pieces_that_fit():
+  order, first = data.pack(np.array([3, 8, 5, 2, 2, 6, 1]), L=8)
+  rows = [sorted(order[a:b].tolist()) for a, b in zip(first[:-1], first[1:], strict=True)]
+  assert rows == [[1], [3, 5], [0, 2], [4, 6]]
+
+
+def test_concat_rows_cut_the_stream_with_one_token_overlap():
   docs = [np.arange(1, 40, dtype=np.int32), np.arange(100, 138, dtype=np.int32)]
-  ds = data.train_dataset(docs, L=8, batch_size=2, seed=0)
+  tokens = tokens_of(docs)
+  ds = data.train_dataset(tokens, L=8, batch_size=2, seed=0, packing='concat')
   stream = np.concatenate(docs)
   num_rows = (len(stream) - 1) // 7
   it = iter(ds)
-  rows = np.concatenate([next(it) for _ in range(num_rows // 2)])
-  # Targets (all but the first token of a row) tile the stream without overlap.
-  starts = sorted(int(np.flatnonzero(stream == r[0])[0]) for r in rows)
+  rows = [{k: v[i] for k, v in b.items()} for b in (next(it) for _ in range(num_rows // 2))
+          for i in range(2)]
+  starts = sorted(int(np.flatnonzero(stream == r['x'][0])[0]) for r in rows)
   assert starts == list(range(0, num_rows * 7, 7))
-  for r in rows:
-    s = int(np.flatnonzero(stream == r[0])[0])
-    np.testing.assert_array_equal(r, stream[s:s + 8])
+  for r in rows:  # one segment: attention crosses the document boundary, as in the original
+    s = int(np.flatnonzero(stream == r['x'][0])[0])
+    np.testing.assert_array_equal(r['x'], stream[s:s + 8])
+    np.testing.assert_array_equal(r['segment_ids'], np.ones(8))
+    np.testing.assert_array_equal(r['positions'], np.arange(8))
 
 
 def test_epochs_are_shuffled_differently():
-  docs = [np.arange(1, 200, dtype=np.int32)]
-  it = iter(data.train_dataset(docs, L=8, batch_size=1, seed=0))
-  num_rows = 198 // 7
-  first = [int(next(it)[0, 0]) for _ in range(num_rows)]
-  second = [int(next(it)[0, 0]) for _ in range(num_rows)]
+  tokens = tokens_of(_docs([199]))
+  num_rows = len(data.packed_rows(tokens.offsets, 8))
+  rows = _epoch(data.train_dataset(tokens, L=8, batch_size=1, seed=0), 2 * num_rows)
+  first, second = ([int(r['x'][0]) for r in rows[i:i + num_rows]] for i in (0, num_rows))
   assert sorted(first) == sorted(second) and first != second
 
 
 def test_corpus_smaller_than_a_batch_is_refused():
-  with pytest.raises(ValueError, match='batch_size=64'):
-    data.train_dataset([np.arange(1, 50, dtype=np.int32)], L=8, batch_size=64, seed=0)
+  with pytest.raises(ValueError, match='7 rows of L=8 tokens, fewer than a batch of 64'):
+    data.train_dataset(tokens_of(_docs([49])), L=8, batch_size=64, seed=0)
 
 
-def test_eval_rows_predict_every_token_once_and_pad_with_zero():
+@pytest.mark.parametrize('packing', data.PACKINGS)
+def test_two_process_shards_are_disjoint_and_cover_every_row(packing):
+  tokens = tokens_of(_docs([3 + (5 * i) % 17 for i in range(30)]))
+  num_rows = len(data.train_rows(tokens, 8, packing))
+  shards = []
+  for index in range(2):
+    shard = grain.sharding.ShardOptions(shard_index=index, shard_count=2)
+    ds = data.train_dataset(tokens, L=8, batch_size=2, seed=0, packing=packing, shard=shard)
+    size = len(range(index, num_rows, 2))
+    shards.append({tuple(r['x']) for r in _epoch(ds, size)})
+    assert len(shards[-1]) == size  # one epoch of a shard: each of its rows once
+  assert not shards[0] & shards[1]
+  every = {tuple(data.read_row(tokens.ids, data.train_rows(tokens, 8, packing), 8, r)['x'])
+           for r in range(num_rows)}
+  assert shards[0] | shards[1] == every
+
+
+def test_two_processes_together_read_the_batches_of_one():
+  tokens = tokens_of(_docs([3 + (5 * i) % 17 for i in range(30)]))
+  one = iter(data.train_dataset(tokens, L=8, batch_size=4, seed=1))
+  halves = [iter(data.train_dataset(tokens, L=8, batch_size=4, seed=1,
+                                    shard=grain.sharding.ShardOptions(i, 2))) for i in range(2)]
+  for _ in range(12):  # past the end of the first epoch
+    parts = [next(h) for h in halves]
+    for k, v in next(one).items():
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v)
+
+
+def test_loss_weights_exclude_padding_and_the_next_documents_first_token():
+  tokens = tokens_of(_docs([3, 4, 2]))
+  rows = data.packed_rows(tokens.offsets, 16)
+  assert len(rows) == 1
+  batch = {k: v[None] for k, v in data.read_row(tokens.ids, rows, 16, 0).items()}
+  x, y, w = (np.asarray(a[0]) for a in evaluate.get_in_out(batch))
+  seg = batch['segment_ids'][0]
+  for i in range(16):
+    same = i + 1 < 16 and seg[i] > 0 and seg[i + 1] == seg[i]
+    assert w[i] == same
+    if same:
+      assert y[i] == x[i + 1]
+  assert w.sum() == (3 - 1) + (4 - 1) + (2 - 1)
+
+
+def _tokens(sp, docs, tmp_path):
+  split = sources.Split('held-out', 'fingerprint', lambda: iter(docs))
+  return token_cache.load(split, sp, str(tmp_path), workers=1)
+
+
+def test_eval_rows_predict_every_token_once_and_pad_with_zero(tmp_path):
   sp = tokenizer.load(VOCAB)
   docs = ['Friends, Romans, countrymen, lend me your ears;\n' * 3, 'O, pardon me.']
-  ed = data.eval_data(sp, docs, L=8, batch_size=4)
-  ids = data.encode(sp, docs)
-  _, y, w = evaluate.get_in_out(ed.batches.reshape(-1, 8))
-  targets = np.asarray(y)[np.asarray(w) > 0]
-  np.testing.assert_array_equal(targets, np.concatenate([x[1:] for x in ids]))
+  ed = data.eval_data(_tokens(sp, docs, tmp_path), L=8, batch_size=4)
+  ids = [[sp.bos_id(), *x, sp.eos_id()] for x in sp.encode(docs)]
+  targets = []
+  for b in ed.batches:
+    _, y, w = evaluate.get_in_out(b)
+    targets.extend(np.asarray(y)[np.asarray(w) > 0])
+  np.testing.assert_array_equal(np.sort(targets), np.sort(np.concatenate([x[1:] for x in ids])))
   assert ed.num_bytes == sum(len(d.encode()) for d in docs)
+  last = ed.batches[-1]
+  assert np.any(last['segment_ids'] == 0) and not np.any(last['x'][last['segment_ids'] == 0])
 
 
-def test_bits_per_byte_matches_a_hand_computation():
+def test_eval_shards_split_every_global_batch(tmp_path):
+  sp = tokenizer.load(VOCAB)
+  tokens = _tokens(sp, ['To be, or not to be: that is the question.' * 5, 'Words.'], tmp_path)
+  whole = data.eval_data(tokens, L=8, batch_size=4)
+  halves = [data.eval_data(tokens, L=8, batch_size=4,
+                           shard=grain.sharding.ShardOptions(shard_index=i, shard_count=2))
+            for i in range(2)]
+  for b, first, second in zip(whole.batches, *(h.batches for h in halves), strict=True):
+    for k in b:
+      np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), b[k])
+
+
+def test_bits_per_byte_matches_a_hand_computation(tmp_path):
   sp = tokenizer.load(VOCAB)
   docs = ['Et tu, Brute? Then fall, Caesar.', 'The fault, dear Brutus, is not in our stars.']
   cfg = tiny_model_config(V=sp.vocab_size(), L=8)
   model = TransformerDecoder(cfg, nnx.Rngs(0))
   graphdef, params = nnx.split(model)
-  ed = data.eval_data(sp, docs, L=cfg.L, batch_size=2)
+  ed = data.eval_data(_tokens(sp, docs, tmp_path), L=cfg.L, batch_size=2)
   result = evaluate.evaluate(graphdef, params, ed, jax.devices()[0])
   # By hand: each document as one long sequence, scored window by window.
   nll, count = 0.0, 0
-  for ids in data.encode(sp, docs):
+  for ids in ([sp.bos_id(), *x, sp.eos_id()] for x in sp.encode(docs)):
+    ids = np.asarray(ids)
     for start in range(0, len(ids) - 1, cfg.L - 1):
       window = ids[start:start + cfg.L]
       logp = jax.nn.log_softmax(model(window[None])[0], axis=-1)

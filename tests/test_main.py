@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import VOCAB, tiny_config
 
-from nanodo import train, workdir
+from nanodo import sources, train, validate, workdir
 
 TINY = ['--config.model.D=32', '--config.model.H=2', '--config.model.N=1', '--config.model.F=64',
         '--config.model.L=32', '--config.batch_size=2', '--config.eval_batch_size=2',
@@ -77,7 +77,9 @@ def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
     ('--config.model.D=31', 'model.D=31 is not valid: must be divisible by model.H=2'),
     ('--config.batch_size=0', 'batch_size=0 is not valid: must be a positive integer'),
     ('--config.model.N=-1', 'model.N=-1 is not valid: must be a positive integer'),
-    ('--config.ds_name=lm2b', "ds_name='lm2b' is not valid: one of ['shakespeare']"),
+    ('--config.ds_name=lm2b', "ds_name='lm2b' is not valid: one of ['shakespeare', 'pystdlib'"),
+    ('--config.ds_name=jsonl', "train_split='train' matches no file"),
+    ('--config.packing=pack', "packing='pack' is not valid: one of ('packed', 'concat')"),
     ('--config.vocab_path=/no/such.model', "vocab_path='/no/such.model' is not a readable"),
     ('--config.opt.optimizer=sgdx',
      "opt.optimizer='sgdx' is not valid: one of ('adamw', 'lion', 'adafactor', 'muon')"),
@@ -249,3 +251,23 @@ def test_eval_command_bad_input_fails_with_one_clear_line(tiny_run, tmp_path):
     assert message in out.stderr, (args, out.stderr[-2000:])
     assert 'Traceback' not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_trains_on_local_jsonl_files_and_a_resumed_run_reuses_the_token_cache(tmp_path, capsys):
+  plays = sources.shakespeare()[1]
+  for name, docs in (('train', plays[0].split('\n\n')[:300]),
+                     ('eval', plays[1].split('\n\n')[:50])):
+    with open(tmp_path / f'{name}.jsonl', 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps({'text': d}) + '\n' for d in docs if d)
+  c = tiny_config(str(tmp_path / 'run'), ds_name='jsonl', packing='concat',
+                  train_split=str(tmp_path / 'train.jsonl'),
+                  eval_split=str(tmp_path / 'eval.jsonl'))
+  c.opt.num_train_steps = 3
+  validate.check(c)
+  assert train.train_and_evaluate(c)['bits_per_byte'] > 0
+  assert capsys.readouterr().out.count('Building the token cache') == 2
+  c.opt.num_train_steps = 5
+  train.train_and_evaluate(c)
+  out = capsys.readouterr().out
+  assert 'starting at step 3 of 5' in out and 'Building the token cache' not in out
+  assert sorted(_losses(c.workdir)) == [1, 2, 3, 4, 5]

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import metrics, optimizer, sample, train, validate
+from nanodo import data, metrics, optimizer, sample, train, validate
 from nanodo.model import TransformerDecoder
 
 TRAIN_KEYS = {'loss', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm', 'tokens_per_sec',
@@ -87,8 +87,9 @@ def test_activation_statistics_leave_the_loss_unchanged():
   graphdef, params = nnx.split(TransformerDecoder(cfg, nnx.Rngs(0)))
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
   forward = jax.jit(train.loss_fn, static_argnames=('graphdef', 'layer_stats'))
-  loss, parts = forward(params, graphdef=graphdef, in_BxL=x_BxL)
-  with_stats, stats = forward(params, graphdef=graphdef, in_BxL=x_BxL, layer_stats=True)
+  batch = data.as_batch(x_BxL)
+  loss, parts = forward(params, graphdef=graphdef, batch=batch)
+  with_stats, stats = forward(params, graphdef=graphdef, batch=batch, layer_stats=True)
   assert set(parts) == {'loss'}
   assert float(with_stats) == pytest.approx(float(loss), rel=1e-6)
   logits = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x_BxL), np.float64)

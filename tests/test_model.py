@@ -66,3 +66,23 @@ def test_no_biases_and_float32_params_under_bfloat16():
   assert logits_BxLxV.dtype == jnp.float32
   reference = TransformerDecoder(tiny_model_config(), nnx.Rngs(0))(jnp.ones((2, cfg.L), jnp.int32))
   np.testing.assert_allclose(logits_BxLxV, reference, atol=0.1)
+
+
+@pytest.mark.parametrize('options', [{}, {'positions': 'rope', 'attention': 'dot_product_attention',
+                                          'KV': 1}])
+def test_packed_documents_do_not_see_each_other_and_restart_positions(options):
+  cfg = tiny_model_config(**options)
+  model = TransformerDecoder(cfg, nnx.Rngs(0))
+  a, b = 6, 7  # document A in tokens 0-5, document B in 6-12, then padding
+  segment_ids_1xL = jnp.array([[1] * a + [2] * b + [0] * (cfg.L - a - b)])
+  positions_1xL = jnp.array([[*range(a), *range(b), *[0] * (cfg.L - a - b)]])
+  x_1xL = jax.random.randint(jax.random.key(1), (1, cfg.L), 1, cfg.V) * (segment_ids_1xL > 0)
+  changed_1xL = x_1xL.at[:, :a].set((x_1xL[:, :a] + 1) % cfg.V)
+  before = model(x_1xL, segment_ids_1xL, positions_1xL)
+  after = model(changed_1xL, segment_ids_1xL, positions_1xL)
+  # Changing document A changes its own logits, and not one logit of document B.
+  assert not np.allclose(before[:, :a], after[:, :a])
+  np.testing.assert_array_equal(before[:, a:a + b], after[:, a:a + b])
+  # Document B scores as if it stood alone at the start of a row.
+  alone = model(x_1xL[:, a:a + b])
+  np.testing.assert_allclose(before[:, a:a + b], alone, rtol=1e-5, atol=1e-5)

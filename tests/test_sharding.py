@@ -13,6 +13,7 @@ from conftest import VOCAB, tiny_config, tiny_model_config
 from flax import nnx
 
 from nanodo import optimizer, sharding, train
+from nanodo.data import as_batch
 from nanodo.model import TransformerDecoder
 
 TESTS = os.path.dirname(__file__)
@@ -35,7 +36,7 @@ def train_steps(data: int, fsdp: int, grad_accumulation_steps: int = 1, num_step
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(num_steps):
-      state, m = step_fn(state, sharding.global_batch(in_BxL, batch_sharding))
+      state, m = step_fn(state, sharding.global_batch(as_batch(in_BxL), batch_sharding))
       losses.append(float(m['loss']))
   shapes = {jax.tree_util.keystr(path, simple=True, separator='/'):
             (x.shape, x.addressable_shards[0].data.shape, len(x.sharding.device_set))

@@ -13,7 +13,7 @@ import pytest
 from conftest import VOCAB, tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import metrics, optimizer, sharding, tokenizer, train
+from nanodo import data, metrics, optimizer, sharding, tokenizer, train
 from nanodo.model import TransformerDecoder
 
 
@@ -33,7 +33,7 @@ def test_one_step_metrics_and_state(tmp_path):
   state, step = _step_fn(c, cfg)
   before = jax.tree.map(np.asarray, state['params'])
   x_BxL = jax.random.randint(jax.random.key(0), (4, cfg.L), 1, cfg.V)
-  state, m = step(state, x_BxL)
+  state, m = step(state, data.as_batch(x_BxL))
   assert set(m) == {'loss', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm'}
   assert all(np.isfinite(v) for v in jax.device_get(m).values())
   assert int(state['step']) == 1
@@ -51,7 +51,7 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
   x_BxL = jax.random.randint(jax.random.key(0), (4, cfg.L), 1, cfg.V)
   losses = []
   for _ in range(40):
-    state, m = step(state, x_BxL)
+    state, m = step(state, data.as_batch(x_BxL))
     losses.append(float(m['loss']))
   assert losses[-1] < 0.2 * losses[0], losses
 
@@ -62,10 +62,15 @@ def test_padding_targets_carry_no_loss(tmp_path):
   state, _ = _step_fn(c, cfg)
   graphdef = train.init_state(cfg, optimizer.get_optimizer(c.opt), c.seed, sharding.make_mesh())[0]
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
-  padded_BxL = x_BxL.at[:, 10:].set(0)
-  loss, _ = train.loss_fn(state['params'], graphdef, padded_BxL)
-  other_BxL = padded_BxL.at[:, 12:].set(0)  # changes nothing that is a target
-  assert float(loss) == pytest.approx(float(train.loss_fn(state['params'], graphdef, other_BxL)[0]))
+  padded = data.as_batch(x_BxL.at[:, 10:].set(0))
+  loss, _ = train.loss_fn(state['params'], graphdef, padded)
+  # Padding that is not a target changes nothing: tokens 10 on are padding in both.
+  other = {**padded, 'x': padded['x'].copy()}
+  other['x'][:, 12:] = 7
+  assert float(loss) == pytest.approx(float(train.loss_fn(state['params'], graphdef, other)[0]))
+  # The same rows without padding: the targets at 10 and on now count.
+  unpadded, _ = train.loss_fn(state['params'], graphdef, data.as_batch(x_BxL))
+  assert float(loss) != pytest.approx(float(unpadded))
 
 
 def test_weight_decay_skips_embeddings_and_scales(tmp_path):

@@ -58,7 +58,7 @@ def test_every_key_is_type_checked(key, tmp_path):
     ('eval_batch_size', -8, 'must be a positive integer'),
     ('vocab_size', 100, 'must exceed 259'),
     ('vocab_path', '/no/such.model', 'is not a readable SentencePiece model'),
-    ('ds_name', 'lm2b', "one of ['shakespeare']"),
+    ('ds_name', 'lm2b', "one of ['shakespeare', 'pystdlib'"),
     ('model.D', 31, 'must be divisible by model.H=2'),
     ('model.H', 0, 'must be a positive integer'),
     ('model.L', 1, 'must be at least 2'),

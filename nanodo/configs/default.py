@@ -8,8 +8,28 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.workdir = ''
-  # Data: a built-in corpus name (see nanodo/data.py).
+  # Data source (README, "Data"): 'shakespeare' or 'pystdlib' (built in, with fixed held-out
+  # splits); 'text', 'jsonl', 'parquet' or 'arrayrecord' (local files: the splits are globs);
+  # 'tfds:NAME[:VERSION]' or 'hf:PATH' (optional extras: the splits are split names).
   c.ds_name = 'shakespeare'
+  c.train_split = 'train'
+  c.eval_split = 'test'
+  # JSON Lines, Parquet, TFDS and Hugging Face records: the field that holds a document's text.
+  c.text_field = 'text'
+  # Plain text files: one document per 'file', or per blank-line separated 'paragraph'.
+  c.text_documents = 'file'
+  # A file or record that is not UTF-8: 'error' stops naming it; 'skip' skips and counts it.
+  c.bad_utf8 = 'error'
+  # TFDS's data_dir; empty: TFDS's default.
+  c.tfds_data_dir = ''
+  # Token ids are cached here, per source split and tokenizer; empty: <workdir>/token_cache.
+  c.cache_dir = ''
+  # Processes that tokenize while a cache is built. 1: this one, with a thread per core; more
+  # pay off on corpora of tens of MB and up (each worker first imports the program).
+  c.tokenize_workers = 1
+  # 'packed': document pieces packed into rows, no attention across documents; 'concat': the
+  # original's concatenate-and-split (rows cross documents).
+  c.packing = 'packed'
   # A SentencePiece model; empty: train one with vocab_size pieces into the workdir.
   c.vocab_path = ''
   c.vocab_size = 8192

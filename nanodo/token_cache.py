@@ -1,0 +1,173 @@
+"""Token ids of a source split, written once to memory-mapped arrays and reused.
+
+A cache is three files named after the split and the tokenizer: `<name>.tokens.bin` (every
+document's ids, BOS and EOS included, one after another, as raw little-endian integers),
+`<name>.offsets.bin` (where each document starts, then the total; raw int64) and `<name>.json`
+(the source's and tokenizer's hashes, the dtype, the sizes). Raw arrays: nothing to unpickle.
+The JSON is written last, after the arrays are complete under their final names, so a cache
+with metadata is whole; a cache whose hashes or sizes disagree is rebuilt, never used.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+
+import numpy as np
+import sentencepiece as spm
+
+from nanodo.sources import Split
+
+FORMAT = 2
+_TASK_BYTES = 1 << 20  # text sent to a worker at once
+_PROGRESS_SECONDS = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+  """A split's token ids, document after document; offsets[d] is where document d starts."""
+
+  ids: np.ndarray
+  offsets: np.ndarray
+  num_bytes: int  # UTF-8 bytes of the decoded documents, for bits per byte
+
+
+class CacheError(ValueError):
+  """A cache that cannot be used: stale, incomplete or corrupt."""
+
+
+def load(split: Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: int) -> Tokens:
+  """The tokens of split under sp from cache_dir; built first if missing, stale or corrupt."""
+  tokenizer_hash = hashlib.sha256(sp.serialized_model_proto()).hexdigest()
+  base = os.path.join(cache_dir, f'{split.name}-{tokenizer_hash[:12]}')
+  expected = {'format': FORMAT, 'source': split.fingerprint, 'tokenizer': tokenizer_hash}
+  if os.path.exists(base + '.json'):
+    try:
+      return read(base, expected)
+    except CacheError as e:
+      print(f'Token cache {base}: {e}; rebuilding it.', flush=True)
+  build(split, sp, base, expected, workers)
+  return read(base, expected)
+
+
+def read(base: str, expected: dict[str, object]) -> Tokens:
+  """The cache at base, memory-mapped; CacheError unless it is whole and matches expected."""
+  try:
+    with open(base + '.json', encoding='utf-8') as f:
+      meta = json.load(f)
+    for key, value in expected.items():
+      if meta.get(key) != value:
+        raise CacheError(f'its {key} changed')
+    ids = np.memmap(base + '.tokens.bin', np.dtype(meta['dtype']).newbyteorder('<'), mode='r')
+    offsets = np.fromfile(base + '.offsets.bin', '<i8')
+  except (OSError, ValueError, TypeError) as e:
+    if isinstance(e, CacheError):
+      raise
+    raise CacheError(f'unreadable ({e})') from None
+  if (ids.shape != (meta['num_tokens'],) or str(ids.dtype) != meta['dtype']
+      or offsets.shape != (meta['num_docs'] + 1,) or offsets[0] != 0
+      or offsets[-1] != meta['num_tokens'] or np.any(np.diff(offsets) < 2)):
+    raise CacheError('its arrays do not match its metadata (corrupt)')
+  return Tokens(ids, offsets, meta['num_bytes'])
+
+
+def _encode(sp: spm.SentencePieceProcessor, docs: list[str],
+            threads: int) -> list[tuple[np.ndarray, int]]:
+  """Each document's ids with BOS and EOS, and the UTF-8 size of their decoded text."""
+  ids = sp.encode(docs, num_threads=threads)
+  texts = sp.decode(ids, num_threads=threads)
+  return [(np.asarray([sp.bos_id(), *x, sp.eos_id()], np.int32), len(t.encode('utf-8')))
+          for x, t in zip(ids, texts, strict=True)]
+
+
+_worker_sp = None
+
+
+def _init_worker(model_proto: bytes) -> None:
+  global _worker_sp
+  _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+
+def _encode_in_worker(docs: list[str]) -> list[tuple[np.ndarray, int]]:
+  return _encode(_worker_sp, docs, threads=1)
+
+
+def _tasks(docs: Iterable[str]) -> Iterator[list[str]]:
+  """Documents grouped into lists of about _TASK_BYTES characters."""
+  task, size = [], 0
+  for doc in docs:
+    task.append(doc)
+    size += len(doc)
+    if size >= _TASK_BYTES:
+      yield task
+      task, size = [], 0
+  if task:
+    yield task
+
+
+def encoded(docs: Iterable[str], sp: spm.SentencePieceProcessor,
+            workers: int) -> Iterator[list[tuple[np.ndarray, int]]]:
+  """Encoded groups of documents, in order: in this process with SentencePiece's threads (one
+  per core), or with workers > 1, by that many processes (each first imports the program).
+  """
+  if workers == 1:
+    yield from (_encode(sp, task, threads=os.cpu_count() or 1) for task in _tasks(docs))
+    return
+  # spawn, not fork: the parent may run JAX threads.
+  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'),
+                                   initializer=_init_worker,
+                                   initargs=(sp.serialized_model_proto(),)) as pool:
+    pending = collections.deque()
+    for task in _tasks(docs):
+      pending.append(pool.submit(_encode_in_worker, task))
+      if len(pending) > 2 * workers:  # bounded: the source is read as fast as it is encoded
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+def build(split: Split, sp: spm.SentencePieceProcessor, base: str, meta: dict[str, object],
+          workers: int) -> None:
+  """Tokenizes every document of split into the cache at base; nothing is left half-written."""
+  os.makedirs(os.path.dirname(base) or '.', exist_ok=True)
+  dtype = np.dtype(np.uint16 if sp.vocab_size() <= 1 << 16 else np.int32)
+  tmp = f'{base}.tmp{os.getpid()}'
+  tokens, offsets_file, meta_file = (tmp + s for s in ('.tokens.bin', '.offsets.bin', '.json'))
+  start = last = time.time()
+  offsets, num_bytes = [0], 0
+  print(f'Building the token cache {base} with {workers} worker(s)...', flush=True)
+  try:
+    with open(tokens, 'wb') as f:
+      for group in encoded(split.documents(), sp, workers):
+        for ids, size in group:
+          f.write(ids.astype(dtype.newbyteorder('<')).tobytes())
+          offsets.append(offsets[-1] + len(ids))
+          num_bytes += size
+        if time.time() - last > _PROGRESS_SECONDS:
+          last = time.time()
+          print(f'  {len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens, '
+                f'{num_bytes / 1e6 / (last - start):.1f} MB/s', flush=True)
+    if len(offsets) == 1:
+      raise ValueError(f'{split.name} has no documents.')
+    np.asarray(offsets, '<i8').tofile(offsets_file)
+    with open(meta_file, 'w', encoding='utf-8') as f:
+      json.dump({**meta, 'dtype': dtype.name, 'num_docs': len(offsets) - 1,
+                 'num_tokens': offsets[-1], 'num_bytes': num_bytes}, f, indent=1)
+    # Metadata goes last: until it is there, readers see no cache and build their own.
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(base + '.json')
+    os.replace(tokens, base + '.tokens.bin')
+    os.replace(offsets_file, base + '.offsets.bin')
+    os.replace(meta_file, base + '.json')
+  finally:
+    for path in (tokens, offsets_file, meta_file):
+      if os.path.exists(path):
+        os.remove(path)
+  print(f'Token cache {base}: {len(offsets) - 1} documents, {offsets[-1]} tokens in '
+        f'{time.time() - start:.1f}s.', flush=True)

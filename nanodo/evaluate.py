@@ -55,7 +55,13 @@ def evaluate(graphdef: nnx.GraphDef, params: PyTree, data: EvalData,
              progress: Progress | None = None) -> dict[str, float]:
   """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
   step = _jitted_eval_step(graphdef)
-  sums = [step(params, sharding.global_batch(b, batch_sharding)) for b in data.batches]
+  sums = []
+  for b in data.batches:
+    sums.append(step(params, sharding.global_batch(b, batch_sharding)))
+    if jax.process_count() > 1:
+      # Across processes (Gloo on CPU) dozens of eval steps in flight were seen to deadlock in
+      # their collectives: one at a time.
+      jax.block_until_ready(sums[-1])
   if progress is not None:
     # Every batch is dispatched already: wait for each in turn to show how far the device is.
     task = progress.add('eval', len(sums))

@@ -55,19 +55,17 @@ def evaluate(graphdef: nnx.GraphDef, params: PyTree, data: EvalData,
              progress: Progress | None = None) -> dict[str, float]:
   """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
   step = _jitted_eval_step(graphdef)
+  task = progress.add('eval', len(data.batches)) if progress else None
   sums = []
   for b in data.batches:
     sums.append(step(params, sharding.global_batch(b, batch_sharding)))
-    if jax.process_count() > 1:
-      # Across processes (Gloo on CPU) dozens of eval steps in flight were seen to deadlock in
-      # their collectives: one at a time.
-      jax.block_until_ready(sums[-1])
-  if progress is not None:
-    # Every batch is dispatched already: wait for each in turn to show how far the device is.
-    task = progress.add('eval', len(sums))
-    for i, s in enumerate(sums):
-      jax.block_until_ready(s)
-      progress.update(task, i + 1)
+    # One step runs while the next is prepared, no more: many steps in flight, each with its
+    # cross-process collectives, deadlocked two processes on CPU (Gloo).
+    if len(sums) > 1:
+      jax.block_until_ready(sums[-2])
+    if task is not None:
+      progress.update(task, len(sums) - 1)
+  if task is not None:
     progress.remove(task)
   nll, nll_sq, count = (float(np.sum([s[k] for s in sums], dtype=np.float64))
                         for k in ('nll', 'nll_sq', 'count'))

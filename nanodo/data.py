@@ -101,6 +101,12 @@ def read_rows(ids: np.ndarray, rows: Rows, L: int, r_B: np.ndarray) -> Batch:
   return {k: np.stack([row[k] for row in read]) for k in read[0]}
 
 
+def _mine(batch_size: int, shard: grain.sharding.ShardOptions) -> slice:
+  """This process's rows of every global batch."""
+  local = batch_size // shard.shard_count
+  return slice(shard.shard_index * local, (shard.shard_index + 1) * local)
+
+
 def as_batch(x_BxL: np.ndarray) -> Batch:
   """Rows of one document each (0: padding), as a batch."""
   x_BxL = np.asarray(x_BxL, np.int32)
@@ -126,8 +132,7 @@ def train_dataset(tokens: Tokens, L: int, batch_size: int, seed: int, packing: s
   if len(rows) < batch_size:
     raise ValueError(f'The corpus has {len(rows)} rows of L={L} tokens, fewer than a batch of '
                      f'{batch_size}; lower batch_size or model.L, or use more data.')
-  local = batch_size // shard.shard_count
-  mine = slice(shard.shard_index * local, (shard.shard_index + 1) * local)
+  mine = _mine(batch_size, shard)
   ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.map(lambda r_B: read_rows(tokens.ids, rows, L, r_B[mine])).to_iter_dataset()
@@ -150,13 +155,10 @@ def eval_data(tokens: Tokens, L: int, batch_size: int,
   """
   rows = packed_rows(tokens.offsets, L)
   num_batches = -(-len(rows) // batch_size)
-  every = {k: np.zeros((num_batches * batch_size, L), np.int32)
-           for k in ('x', 'segment_ids', 'positions')}
-  for r in range(len(rows)):
-    for k, v in read_row(tokens.ids, rows, L, r).items():
-      every[k][r] = v
-  local = batch_size // shard.shard_count
-  mine = slice(shard.shard_index * local, (shard.shard_index + 1) * local)
+  empty = num_batches * batch_size - len(rows)
+  every = {k: np.pad(v, ((0, empty), (0, 0)))
+           for k, v in read_rows(tokens.ids, rows, L, np.arange(len(rows))).items()}
+  mine = _mine(batch_size, shard)
   batches = [{k: v.reshape(num_batches, batch_size, L)[b, mine] for k, v in every.items()}
              for b in range(num_batches)]
   return EvalData(batches, tokens.num_bytes)

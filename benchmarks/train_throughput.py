@@ -1,6 +1,6 @@
 """Train-step speed against this machine's matmul ceiling.
 
-  python benchmarks/train_throughput.py [--dtype=bfloat16] [--steps=20] [--configs=S,M]
+  python benchmarks/train_throughput.py [--dtype=bfloat16] [--steps=20] [--configs=S,M] [--profile]
 
 Prints the ceiling (median GFLOP/s of a jitted 2048x2048 float32 matmul), then for each config:
 ms/step, tokens/s, model GFLOP/s and its fraction of the ceiling, peak RSS, and the time from
@@ -8,9 +8,18 @@ launch to the end of the first step of `nanodo` on the default config (a fresh w
 training and compiling included; then again in the same workdir, as a resumed run sees it).
 The step is the one `nanodo` trains with (optimizer and metrics included) on random token ids.
 Model FLOPs per step = 6·P·T + 12·N·L·D·T + 6·D·V·T (P: non-embedding parameters, T: tokens).
+
+With --profile, each config's step is also traced with jax.profiler, and its wall time split by
+kind of compiled kernel (matmuls of the dense layers and logits, attention's batched matmuls,
+layout copies, the rest of the forward and backward, the optimizer and metrics), with the fraction
+of the ceiling the step would reach if only the matmuls ran.
 """
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
 import re
 import resource
@@ -33,7 +42,57 @@ CONFIGS = {
 }
 
 
-def bench(cfg: ModelConfig, batch_size: int, steps: int) -> dict[str, float]:
+def kernel_kinds(hlo: str) -> dict[str, str]:
+  """The kind of each kernel of a compiled step, by name, read from its optimized HLO text."""
+  bodies, name, kinds = collections.defaultdict(str), '', {}
+  for line in hlo.splitlines():  # the text of each computation, by name
+    if line and not line.startswith((' ', '}')):
+      name = line.removeprefix('ENTRY ').lstrip('%').split(' ')[0]
+    bodies[name] += line + '\n'
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*$', bodies[name], re.M):
+    called = re.search(r'calls=%?([\w.\-]+)', m.group(0))
+    text = m.group(0) + (bodies[called.group(1)] if called else '')
+    if ' dot(' in text or ' convolution(' in text:
+      batched = 'lhs_batch_dims' in text
+      kinds[m.group(1)] = 'matmul: attention' if batched else 'matmul: dense, logits'
+    elif 'jvp(' not in m.group(0):
+      kinds[m.group(1)] = 'optimizer, metrics'
+    elif re.search(r' (copy|transpose|pad)\(', text):
+      kinds[m.group(1)] = 'layout copies'
+    else:
+      kinds[m.group(1)] = 'other forward, backward'
+  return kinds
+
+
+def profile(compiled: jax.stages.Compiled, state: dict, batch: dict,
+            steps: int) -> dict[str, float]:
+  """Wall ms per step of each kind of kernel, from a jax.profiler trace of the compiled step.
+
+  Kernels that run at the same time share that time equally.
+  """
+  kinds = kernel_kinds(compiled.as_text())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+    jax.profiler.stop_trace()
+    with gzip.open(glob.glob(f'{trace_dir}/**/*.trace.json.gz', recursive=True)[0]) as f:
+      events = json.load(f)['traceEvents']
+  edges = sorted((t, start, i) for i, e in enumerate(events)
+                 if e.get('ph') == 'X' and e.get('name') in kinds
+                 for t, start in ((e['ts'], 1), (e['ts'] + e['dur'], 0)))
+  running, last, ms = set(), 0.0, collections.Counter()
+  for t, start, i in edges:
+    for j in running:
+      ms[kinds[events[j]['name']]] += (t - last) / len(running) / 1e3 / steps
+    last = t
+    (running.add if start else running.discard)(i)
+  return dict(ms)
+
+
+def bench(cfg: ModelConfig, batch_size: int, steps: int,
+          with_profile: bool = False) -> dict[str, float]:
   """Median step time of nanodo's jitted train step, after two warm-up steps."""
   c = default.get_config()
   mesh = sharding.make_mesh()
@@ -56,10 +115,15 @@ def bench(cfg: ModelConfig, batch_size: int, steps: int) -> dict[str, float]:
       state, m = step_fn(state, batches[i % len(batches)])
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
+    kernels = {}
+    if with_profile:
+      kernels = profile(step_fn.lower(state, batches[0]).compile(), state, batches[0],
+                        max(3, steps // 4))
   tokens = batch_size * cfg.L
   seconds = statistics.median(times)
   return {'ms_per_step': 1e3 * seconds, 'tokens_per_s': tokens / seconds,
-          'gflops': flops_per_token * tokens / seconds / 1e9}
+          'gflops': flops_per_token * tokens / seconds / 1e9, 'kernels': kernels,
+          'model_gflop': flops_per_token * tokens / 1e9}
 
 
 def seconds_to_first_step(workdir: str) -> float:
@@ -84,18 +148,30 @@ def main() -> None:
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--configs', default='S,M')
+  parser.add_argument('--profile', action='store_true',
+                      help="also split each step's time by kind of kernel")
   args = parser.parse_args()
   ceiling = metrics.matmul_flops_per_sec() / 1e9
   print(f'ceiling: {ceiling:.1f} GFLOP/s (float32 2048x2048 matmul, {jax.devices()[0].platform})')
   print(f'{"config":6} {"dtype":8} {"ms/step":>8} {"tokens/s":>9} {"GFLOP/s":>8} {"ceiling":>8} '
         f'{"peak RSS":>9}')
+  profiles = {}
   for name in args.configs.split(','):
     cfg, batch_size = CONFIGS[name]
     cfg = ModelConfig(**{**cfg.__dict__, 'dtype': args.dtype})
-    r = bench(cfg, batch_size, args.steps)
+    r = bench(cfg, batch_size, args.steps, args.profile)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f'{name:6} {args.dtype:8} {r["ms_per_step"]:8.1f} {r["tokens_per_s"]:9.0f} '
           f'{r["gflops"]:8.1f} {r["gflops"] / ceiling:8.2f} {rss_gb:7.2f}GB', flush=True)
+    profiles[name] = r
+  for name, r in profiles.items():
+    total = sum(r['kernels'].values())
+    print(f'{name}: where a step\'s {total:.1f} ms go (profiled wall time of its kernels)')
+    for kind, ms in sorted(r['kernels'].items(), key=lambda kv: -kv[1]):
+      print(f'  {kind:24} {ms:8.1f} ms {ms / total:6.1%}')
+    matmul_ms = sum(ms for kind, ms in r['kernels'].items() if kind.startswith('matmul'))
+    print(f'  if only the matmuls ran: {r["model_gflop"] / matmul_ms * 1e3 / ceiling:.2f} of the '
+          'ceiling')
   with tempfile.TemporaryDirectory() as workdir:
     print(f'default config, launch to first step: {seconds_to_first_step(workdir):.1f}s fresh, '
           f'{seconds_to_first_step(workdir):.1f}s resumed in the same workdir')

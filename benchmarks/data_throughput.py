@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nanodo import data, optimizer, sharding, sources, token_cache, tokenizer, train
+from nanodo import data, optimizer, sharding, sources, token_cache, tokenizer, update
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
@@ -40,8 +40,8 @@ def consumed_tokens_per_sec(c: ml_collections.ConfigDict, V: int, steps: int = 1
   cfg = ModelConfig(V=V, **c.model)
   mesh = sharding.make_mesh()
   tx = optimizer.get_optimizer(c.opt)
-  graphdef, state, shardings = train.init_state(cfg, tx, c.seed, mesh)
-  step_fn = train.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
+  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
+  step_fn = update.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
                                  sharding.batch_sharding(mesh))
   rng = np.random.default_rng(0)
   batch = data.as_batch(rng.integers(1, V, (c.batch_size, cfg.L), dtype=np.int32))

@@ -32,7 +32,7 @@ import time
 import jax
 import numpy as np
 
-from nanodo import data, metrics, optimizer, sharding, train
+from nanodo import data, metrics, optimizer, sharding, train, update
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
@@ -97,8 +97,8 @@ def bench(cfg: ModelConfig, batch_size: int, steps: int,
   c = default.get_config()
   mesh = sharding.make_mesh()
   tx = optimizer.get_optimizer(c.opt)
-  graphdef, state, shardings = train.init_state(cfg, tx, c.seed, mesh)
-  step_fn = train.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
+  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
+  step_fn = update.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
                                  sharding.batch_sharding(mesh))
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)

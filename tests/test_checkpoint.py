@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from conftest import tiny_config, tiny_model_config, tokens_of
 
-from nanodo import checkpoint, data, optimizer, sharding, train
+from nanodo import checkpoint, data, optimizer, sharding, update
 
 
 @functools.cache
 def _init() -> tuple:
   c = tiny_config('/unused')
-  return train.init_state(tiny_model_config(), optimizer.get_optimizer(c.opt), 0,
+  return update.init_state(tiny_model_config(), optimizer.get_optimizer(c.opt), 0,
                           sharding.make_mesh())[1:]
 
 

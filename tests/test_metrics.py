@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import data, metrics, optimizer, sample, train, validate
+from nanodo import data, metrics, optimizer, sample, train, update, validate
 from nanodo.model import TransformerDecoder
 
 TRAIN_KEYS = {'loss', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm', 'tokens_per_sec',
@@ -86,7 +86,7 @@ def test_activation_statistics_leave_the_loss_unchanged():
   cfg = tiny_model_config()
   graphdef, params = nnx.split(TransformerDecoder(cfg, nnx.Rngs(0)))
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
-  forward = jax.jit(train.loss_fn, static_argnames=('graphdef', 'layer_stats'))
+  forward = jax.jit(update.loss_fn, static_argnames=('graphdef', 'layer_stats'))
   batch = data.as_batch(x_BxL)
   loss, parts = forward(params, graphdef=graphdef, batch=batch)
   with_stats, stats = forward(params, graphdef=graphdef, batch=batch, layer_stats=True)

@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import data, metrics, model, optimizer, sample, train
+from nanodo import data, metrics, model, optimizer, sample, train, update
 from nanodo.model import TransformerDecoder
 
 OPTIONS = [
@@ -113,9 +113,9 @@ def test_label_smoothing_zero_is_cross_entropy_and_matches_optax():
   m = TransformerDecoder(tiny_model_config(), nnx.Rngs(0))
   graphdef, params = nnx.split(m)
   in_BxL = jax.random.randint(jax.random.key(3), (2, 16), 1, 97).at[1, 10:].set(0)
-  objective, parts = train.loss_fn(params, graphdef, data.as_batch(in_BxL))
+  objective, parts = update.loss_fn(params, graphdef, data.as_batch(in_BxL))
   assert float(objective) == float(parts['loss'])
-  smoothed, parts = train.loss_fn(params, graphdef, data.as_batch(in_BxL), label_smoothing=0.2)
+  smoothed, parts = update.loss_fn(params, graphdef, data.as_batch(in_BxL), label_smoothing=0.2)
   logits_TxV = m(in_BxL)[:, :-1].reshape(-1, 97)
   y_T = in_BxL[:, 1:].reshape(-1)
   keep_T = y_T != 0

@@ -12,7 +12,7 @@ import pytest
 from conftest import VOCAB, tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import optimizer, sharding, train
+from nanodo import optimizer, sharding, train, update
 from nanodo.data import as_batch
 from nanodo.model import TransformerDecoder
 
@@ -28,9 +28,9 @@ def train_steps(data: int, fsdp: int, grad_accumulation_steps: int = 1, num_step
   cfg = tiny_model_config(**model)
   mesh = sharding.make_mesh(data, fsdp)
   tx = optimizer.get_optimizer(c.opt)
-  graphdef, state, shardings = train.init_state(cfg, tx, c.seed, mesh)
+  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = train.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
+  step_fn = update.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
                                  batch_sharding, grad_accumulation_steps=grad_accumulation_steps)
   in_BxL = np.random.default_rng(0).integers(1, cfg.V, (B, cfg.L), dtype=np.int32)
   losses = []

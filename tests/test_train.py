@@ -13,15 +13,15 @@ import pytest
 from conftest import VOCAB, tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import data, metrics, optimizer, sharding, tokenizer, train
+from nanodo import data, metrics, optimizer, sharding, tokenizer, train, update
 from nanodo.model import TransformerDecoder
 
 
 def _step_fn(c, cfg):
   tx = optimizer.get_optimizer(c.opt)
   mesh = sharding.make_mesh()
-  graphdef, state, shardings = train.init_state(cfg, tx, c.seed, mesh)
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
+  step = jax.jit(functools.partial(update.train_step, graphdef=graphdef, tx=tx,
                                    schedule=optimizer.get_schedule(c.opt)), donate_argnums=0)
   return state, step
 
@@ -60,16 +60,16 @@ def test_padding_targets_carry_no_loss(tmp_path):
   c = tiny_config(str(tmp_path))
   cfg = tiny_model_config()
   state, _ = _step_fn(c, cfg)
-  graphdef = train.init_state(cfg, optimizer.get_optimizer(c.opt), c.seed, sharding.make_mesh())[0]
+  graphdef = update.init_state(cfg, optimizer.get_optimizer(c.opt), c.seed, sharding.make_mesh())[0]
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
   padded = data.as_batch(x_BxL.at[:, 10:].set(0))
-  loss, _ = train.loss_fn(state['params'], graphdef, padded)
+  loss, _ = update.loss_fn(state['params'], graphdef, padded)
   # Padding that is not a target changes nothing: tokens 10 on are padding in both.
   other = {**padded, 'x': padded['x'].copy()}
   other['x'][:, 12:] = 7
-  assert float(loss) == pytest.approx(float(train.loss_fn(state['params'], graphdef, other)[0]))
+  assert float(loss) == pytest.approx(float(update.loss_fn(state['params'], graphdef, other)[0]))
   # The same rows without padding: the targets at 10 and on now count.
-  unpadded, _ = train.loss_fn(state['params'], graphdef, data.as_batch(x_BxL))
+  unpadded, _ = update.loss_fn(state['params'], graphdef, data.as_batch(x_BxL))
   assert float(loss) != pytest.approx(float(unpadded))
 
 
@@ -87,10 +87,10 @@ def test_weight_decay_skips_embeddings_and_scales(tmp_path):
 SHARDED = """
 import jax
 from conftest import VOCAB, tiny_config, tiny_model_config
-from nanodo import optimizer, sharding, train
+from nanodo import optimizer, sharding, update
 c = tiny_config('/unused')
 cfg = tiny_model_config(D=64, F=128, L=32)
-_, state, _ = train.init_state(cfg, optimizer.get_optimizer(c.opt), 0, sharding.make_mesh())
+_, state, _ = update.init_state(cfg, optimizer.get_optimizer(c.opt), 0, sharding.make_mesh())
 for name, x in [('wi', state['params']['blocks'][0]['mlp']['wi_DxF'][...]),
                 ('mu', state['opt_state'][1][0].mu['blocks'][0]['mlp']['wi_DxF'][...]),
                 ('embed', state['params']['embed_VxD'][...])]:

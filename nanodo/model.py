@@ -226,6 +226,11 @@ class TransformerDecoder(nnx.Module):
   def __call__(self, x_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                pos_BxL: jax.Array | None = None) -> jax.Array:
     """Logits; packed rows give segment ids (attention stays within each) and their positions."""
+    return self.project(self.hidden(x_BxL, segment_ids_BxL, pos_BxL))
+
+  def hidden(self, x_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+             pos_BxL: jax.Array | None = None) -> jax.Array:
+    """The last block's normalised outputs, which project turns into logits."""
     if pos_BxL is None:
       pos_BxL = jnp.broadcast_to(jnp.arange(x_BxL.shape[1]), x_BxL.shape)
     x_BxLxD = _split_batch(self._embed(x_BxL, pos_BxL))
@@ -234,7 +239,7 @@ class TransformerDecoder(nnx.Module):
       block_fn = nnx.remat(block_fn, policy=getattr(jax.checkpoint_policies, self.cfg.remat_policy))
     for block in self.blocks:
       x_BxLxD, _ = block_fn(block, x_BxLxD, pos_BxL, None, segment_ids_BxL)
-    return self._logits(x_BxLxD)
+    return self.ln_f(x_BxLxD)
 
   def decode(self, x_BxL: jax.Array, pos_BxL: jax.Array,
              cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
@@ -244,23 +249,24 @@ class TransformerDecoder(nnx.Module):
     for block, layer_cache in zip(self.blocks, cache, strict=True):
       x_BxLxD, layer_cache = block(x_BxLxD, pos_BxL, layer_cache)
       new_cache.append(layer_cache)
-    return self._logits(x_BxLxD), new_cache
+    return self.project(self.ln_f(x_BxLxD)), new_cache
+
+  def out_VxD(self) -> jax.Array:
+    """The output projection, a row per piece: the input embedding when tied."""
+    return self.embed_VxD[...] if self.cfg.tied else self.head_DxV[...].T
+
+  def project(self, h_BxLxD: jax.Array) -> jax.Array:
+    """Logits of the hidden states."""
+    # logits in float32: the loss needs the precision.
+    B, L, D = h_BxLxD.shape
+    h_TxD = h_BxLxD.reshape(B * L, D).astype(jnp.float32)
+    return jnp.einsum('TD,VD->TV', h_TxD, self.out_VxD()).reshape(B, L, -1)
 
   def _embed(self, x_BxL: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     x_BxLxD = self.embed_VxD[...][x_BxL]
     if self.cfg.positions == 'learned':
       x_BxLxD += self.pos_LxD[...][pos_BxL]
     return x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
-
-  def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Final norm and the output projection."""
-    x_BxLxD = self.ln_f(x_BxLxD)
-    # logits in float32: the loss needs the precision.
-    B, L, D = x_BxLxD.shape
-    x_TxD = x_BxLxD.reshape(B * L, D).astype(jnp.float32)
-    if self.cfg.tied:
-      return jnp.einsum('TD,VD->TV', x_TxD, self.embed_VxD[...]).reshape(B, L, -1)
-    return jnp.einsum('TD,DV->TV', x_TxD, self.head_DxV[...]).reshape(B, L, -1)
 
 
 def init_cache(cfg: ModelConfig, B: int) -> list[LayerCache]:

@@ -153,7 +153,8 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: Stop
   step_fn = update.jit_train_step(
       graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding,
       label_smoothing=c.label_smoothing, z_loss=c.z_loss, layer_stats=c.log_internal_metrics,
-      grad_accumulation_steps=c.grad_accumulation_steps)
+      grad_accumulation_steps=c.grad_accumulation_steps,
+      cross_entropy_block_size=c.cross_entropy_block_size)
 
   # Each process reads only its shard of the rows: its part of every global batch.
   shard = grain.sharding.ShardByJaxProcess()

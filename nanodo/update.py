@@ -10,53 +10,50 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanodo import data, evaluate, metrics, sharding
+from nanodo import cross_entropy, data, evaluate, metrics, sharding
 from nanodo.model import ModelConfig, TransformerDecoder
 from nanodo.optimizer import PyTree
 
 
 def loss_fn(params: PyTree, graphdef: nnx.GraphDef, batch: data.Batch,
-            label_smoothing: float = 0.0, z_loss: float = 0.0,
-            layer_stats: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+            label_smoothing: float = 0.0, z_loss: float = 0.0, layer_stats: bool = False,
+            cross_entropy_block_size: int = cross_entropy.BLOCK_SIZE
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training objective and its parts, each a mean over targets in their input's document.
 
-  'loss' is always the plain next-token cross-entropy, so curves stay comparable; label smoothing
-  and the z-loss (on the log-normalizer) are reported on their own when on, and with layer_stats
-  so are the statistics of every module's output.
+  The parts are those of cross_entropy.losses, with layer_stats also the statistics of every
+  module's output. The logits exist cross_entropy_block_size tokens at a time.
   """
   _, y_BxL, weights_BxL = evaluate.get_in_out(batch)
   model = nnx.merge(graphdef, params)
   inputs = (batch['x'], batch['segment_ids'], batch['positions'])
+  stats = {}
   if layer_stats:
-    capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
-    logits_BxLxV, outputs = capture(*inputs)
+    capture = nnx.capture(model.hidden, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    h_BxLxD, outputs = capture(*inputs)
+    # All the logits at once, for their statistics only: the loss takes them a block at a time.
+    logits_BxLxV = jax.lax.stop_gradient(model.project(h_BxLxD))
+    stats = metrics.tree_stats('act', outputs) | metrics.tree_stats('act', {'output': logits_BxLxV})
   else:
-    logits_BxLxV, outputs = model(*inputs), {}
-  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  mean = lambda v_BxL: jnp.sum(v_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
-  parts = {'loss': mean(logz_BxL - jnp.take_along_axis(logits_BxLxV, y_BxL[..., None], -1)[..., 0])}
-  objective = parts['loss']
-  if label_smoothing:
-    # Cross-entropy against (1 - s) on the target plus s spread uniformly over the vocabulary.
-    parts['smoothed_loss'] = (1 - label_smoothing) * parts['loss'] + label_smoothing * mean(
-        logz_BxL - jnp.mean(logits_BxLxV, axis=-1))
-    objective = parts['smoothed_loss']
-  if z_loss:
-    parts['z_loss'] = z_loss * mean(jnp.square(logz_BxL))
-    objective += parts['z_loss']
-  return objective, parts | metrics.tree_stats('act', outputs)
+    h_BxLxD = model.hidden(*inputs)
+  objective, parts = cross_entropy.blockwise(h_BxLxD, model.out_VxD(), y_BxL, weights_BxL,
+                                             label_smoothing, z_loss, cross_entropy_block_size)
+  count = jnp.maximum(jnp.sum(weights_BxL), 1.0)
+  return objective / count, {k: v / count for k, v in parts.items()} | stats
 
 
 def _weighted_grads(params: PyTree, batch: data.Batch, *, graphdef: nnx.GraphDef,
-                    label_smoothing: float, z_loss: float,
-                    layer_stats: bool) -> tuple[PyTree, dict[str, jax.Array], jax.Array]:
+                    label_smoothing: float, z_loss: float, layer_stats: bool,
+                    cross_entropy_block_size: int
+                    ) -> tuple[PyTree, dict[str, jax.Array], jax.Array]:
   """Gradient and loss parts of one micro-batch, each times its number of targets; that number.
 
   Weighted by their targets, micro-batches add up to exactly the mean over the whole batch.
   """
   count = jnp.sum(evaluate.get_in_out(batch)[2])
   weighted = lambda p: jax.tree.map(
-      lambda v: v * count, loss_fn(p, graphdef, batch, label_smoothing, z_loss, layer_stats))
+      lambda v: v * count, loss_fn(p, graphdef, batch, label_smoothing, z_loss, layer_stats,
+                                   cross_entropy_block_size))
   (_, parts), grads = jax.value_and_grad(weighted, has_aux=True)(params)
   return grads, parts, count
 
@@ -69,7 +66,9 @@ def _accumulate(sums: tuple, batch: data.Batch, *, params: PyTree, **kwargs) -> 
 def train_step(state: PyTree, batch: data.Batch, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                label_smoothing: float = 0.0, z_loss: float = 0.0, layer_stats: bool = False,
-               grad_accumulation_steps: int = 1) -> tuple[PyTree, dict[str, jax.Array]]:
+               grad_accumulation_steps: int = 1,
+               cross_entropy_block_size: int = cross_entropy.BLOCK_SIZE
+               ) -> tuple[PyTree, dict[str, jax.Array]]:
   """One optimizer update on the mean loss over a batch: new state and the step's metrics.
 
   The batch goes through the model as grad_accumulation_steps micro-batches (A), the first on
@@ -81,7 +80,7 @@ def train_step(state: PyTree, batch: data.Batch, *, graphdef: nnx.GraphDef,
   # Micro-batch i takes rows i, i + A, i + 2A, ...: each device's rows stay on the device.
   micro = jax.tree.map(lambda v_BxL: v_BxL.reshape(-1, A, v_BxL.shape[1]).swapaxes(0, 1), batch)
   kwargs = {'graphdef': graphdef, 'label_smoothing': label_smoothing, 'z_loss': z_loss,
-            'layer_stats': layer_stats}
+            'layer_stats': layer_stats, 'cross_entropy_block_size': cross_entropy_block_size}
   sums = _weighted_grads(state['params'], jax.tree.map(lambda v: v[0], micro), **kwargs)
   if A > 1:
     sums, _ = jax.lax.scan(functools.partial(_accumulate, params=state['params'], **kwargs),
@@ -112,7 +111,8 @@ def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, shardings: PyTree,
                    batch_sharding: jax.sharding.NamedSharding, *, label_smoothing: float = 0.0,
                    z_loss: float = 0.0, layer_stats: bool = False,
-                   grad_accumulation_steps: int = 1) -> Callable:
+                   grad_accumulation_steps: int = 1,
+                   cross_entropy_block_size: int = cross_entropy.BLOCK_SIZE) -> Callable:
   """train_step jitted once, with the state's shardings and its buffers donated.
 
   Call it with the mesh in context (jax.set_mesh), so that the model splits activations along B.
@@ -120,7 +120,8 @@ def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                            label_smoothing=label_smoothing, z_loss=z_loss, layer_stats=layer_stats,
-                           grad_accumulation_steps=grad_accumulation_steps)
+                           grad_accumulation_steps=grad_accumulation_steps,
+                           cross_entropy_block_size=cross_entropy_block_size)
   replicated = NamedSharding(batch_sharding.mesh, P())
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, replicated), donate_argnums=0)

@@ -86,7 +86,8 @@ def check(c: ml_collections.ConfigDict) -> None:
   _check_types(_flat(c.to_dict()))
   _check_paths(c)
   for key in ('batch_size', 'eval_batch_size', 'vocab_size', 'log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps', 'max_to_keep', 'grad_accumulation_steps'):
+              'checkpoint_every_steps', 'max_to_keep', 'grad_accumulation_steps',
+              'cross_entropy_block_size'):
     _require(c[key] > 0, key, c[key], 'must be a positive integer')
   _require(0 <= c.seed < 2**32, 'seed', c.seed, 'must be in [0, 2**32)')
   for key in ('D', 'H', 'L', 'N', 'F'):

@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Training loss extras, off by default; logged apart from the plain cross-entropy 'loss'.
   c.label_smoothing = 0.0
   c.z_loss = 0.0  # weight of the squared log-normalizer
+  # Tokens whose logits exist at once in the training loss (over all devices); see
+  # nanodo/cross_entropy.py.
+  c.cross_entropy_block_size = 512
 
   c.opt = ml_collections.ConfigDict()
   c.opt.optimizer = 'adamw'  # 'adamw' | 'lion' | 'adafactor' | 'muon' (+ AdamW off matrices)

@@ -32,24 +32,32 @@ import time
 import jax
 import numpy as np
 
-from nanodo import data, metrics, optimizer, sharding, train, update
+from nanodo import data, host, metrics, optimizer, sharding, train, update
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
 CONFIGS = {
     'S': (ModelConfig(V=84, L=64, D=128, H=4, N=4, F=512), 12),
     'M': (ModelConfig(V=8192, L=256, D=512, H=8, N=6, F=2048), 8),
+    # The model of configs/default.py with its trained 8192-piece tokenizer.
+    'default': (ModelConfig(V=8192, L=128, D=128, H=2, N=4, F=512), 16),
 }
 
 
 def kernel_kinds(hlo: str) -> dict[str, str]:
   """The kind of each kernel of a compiled step, by name, read from its optimized HLO text."""
-  bodies, name, kinds = collections.defaultdict(str), '', {}
+  bodies, name = collections.defaultdict(str), ''
   for line in hlo.splitlines():  # the text of each computation, by name
     if line and not line.startswith((' ', '}')):
       name = line.removeprefix('ENTRY ').lstrip('%').split(' ')[0]
     bodies[name] += line + '\n'
-  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*$', bodies[name], re.M):
+  kinds = {}
+  # Kernels run from the entry computation and from loop bodies (scans); loops and calls
+  # themselves are not kernels, and a fusion's own instructions are not either.
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w\-]*)\(.*$', hlo, re.M):
+    if m.group(2) in ('while', 'call', 'conditional', 'parameter', 'constant', 'tuple',
+                      'get-tuple-element', 'bitcast'):
+      continue
     called = re.search(r'calls=%?([\w.\-]+)', m.group(0))
     text = m.group(0) + (bodies[called.group(1)] if called else '')
     if ' dot(' in text or ' convolution(' in text:
@@ -150,7 +158,11 @@ def main() -> None:
   parser.add_argument('--configs', default='S,M')
   parser.add_argument('--profile', action='store_true',
                       help="also split each step's time by kind of kernel")
+  parser.add_argument('--malloc', default='reuse', choices=('reuse', 'default'),
+                      help="reuse: glibc's malloc set as nanodo sets it (host.reuse_freed_memory)")
   args = parser.parse_args()
+  if args.malloc == 'reuse':
+    host.reuse_freed_memory()
   ceiling = metrics.matmul_flops_per_sec() / 1e9
   print(f'ceiling: {ceiling:.1f} GFLOP/s (float32 2048x2048 matmul, {jax.devices()[0].platform})')
   print(f'{"config":6} {"dtype":8} {"ms/step":>8} {"tokens/s":>9} {"GFLOP/s":>8} {"ceiling":>8} '
@@ -164,7 +176,7 @@ def main() -> None:
     print(f'{name:6} {args.dtype:8} {r["ms_per_step"]:8.1f} {r["tokens_per_s"]:9.0f} '
           f'{r["gflops"]:8.1f} {r["gflops"] / ceiling:8.2f} {rss_gb:7.2f}GB', flush=True)
     profiles[name] = r
-  for name, r in profiles.items():
+  for name, r in profiles.items() if args.profile else ():
     total = sum(r['kernels'].values())
     print(f'{name}: where a step\'s {total:.1f} ms go (profiled wall time of its kernels)')
     for kind, ms in sorted(r['kernels'].items(), key=lambda kv: -kv[1]):

@@ -9,7 +9,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nanodo import data, evaluate, sample, sharding, sources, token_cache, train, validate
+from nanodo import data, evaluate, host, sample, sharding, sources, token_cache, train, validate
 from nanodo.progress import Progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
@@ -144,6 +144,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run() -> None:
   """Console script `nanodo`: a first argument picks train (the default), sample, eval or plot."""
+  host.reuse_freed_memory()  # before JAX starts
   argv = list(sys.argv)
   command = argv.pop(1) if len(argv) > 1 and argv[1] in _COMMANDS else 'train'
   app.run(_COMMANDS[command], argv=argv, flags_parser=_parse_flags)

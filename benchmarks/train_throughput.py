@@ -1,12 +1,15 @@
 """Train-step speed against this machine's matmul ceiling.
 
-  python benchmarks/train_throughput.py [--dtype=bfloat16] [--steps=20] [--configs=S,M] [--profile]
+  python benchmarks/train_throughput.py [--dtype=bfloat16] [--steps=20] [--configs=S,M,default]
+      [--profile] [--malloc=default]
 
-Prints the ceiling (median GFLOP/s of a jitted 2048x2048 float32 matmul), then for each config:
+Prints the ceiling (median GFLOP/s of a jitted 2048x2048 float32 matmul), then for each config
+(S and M, and the model of configs/default.py):
 ms/step, tokens/s, model GFLOP/s and its fraction of the ceiling, peak RSS, and the time from
 launch to the end of the first step of `nanodo` on the default config (a fresh workdir: tokenizer
 training and compiling included; then again in the same workdir, as a resumed run sees it).
-The step is the one `nanodo` trains with (optimizer and metrics included) on random token ids.
+The step is the one `nanodo` trains with (optimizer and metrics included) on random token ids,
+with malloc set as `nanodo` sets it (--malloc=default: glibc's defaults).
 Model FLOPs per step = 6·P·T + 12·N·L·D·T + 6·D·V·T (P: non-embedding parameters, T: tokens).
 
 With --profile, each config's step is also traced with jax.profiler, and its wall time split by
@@ -155,7 +158,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--configs', default='S,M')
+  parser.add_argument('--configs', default='S,M,default')
   parser.add_argument('--profile', action='store_true',
                       help="also split each step's time by kind of kernel")
   parser.add_argument('--malloc', default='reuse', choices=('reuse', 'default'),

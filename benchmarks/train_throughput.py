@@ -42,8 +42,9 @@ from nanodo.model import ModelConfig
 CONFIGS = {
     'S': (ModelConfig(V=84, L=64, D=128, H=4, N=4, F=512), 12),
     'M': (ModelConfig(V=8192, L=256, D=512, H=8, N=6, F=2048), 8),
-    # The model of configs/default.py with its trained 8192-piece tokenizer.
-    'default': (ModelConfig(V=8192, L=128, D=128, H=2, N=4, F=512), 16),
+    # configs/default.py's model, with the tokenizer it trains.
+    'default': (ModelConfig(V=default.get_config().vocab_size, **default.get_config().model),
+                default.get_config().batch_size),
 }
 
 

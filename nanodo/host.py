@@ -13,8 +13,9 @@ def reuse_freed_memory() -> bool:
   XLA on CPU allocates a step's buffers anew at every step. By default the large ones are fresh
   pages from mmap, each paid with a page fault, and the others are spread over one arena per
   thread. Kept in one arena and never returned, they are reused: steps get 10-20% faster, and
-  the process keeps its peak memory, fragmented, until it exits. Call it before JAX starts. Does nothing, and
-  returns False, where malloc is not glibc's or the environment sets MALLOC_ options itself.
+  the process keeps its peak memory, fragmented, until it exits. Call it before JAX starts.
+  Does nothing, and returns False, where malloc is not glibc's or the environment sets MALLOC_
+  options itself.
   """
   if any(k.startswith('MALLOC_') for k in os.environ):
     return False

@@ -3,8 +3,6 @@
 import contextlib
 import functools
 import os
-import signal
-import threading
 import time
 from collections.abc import Iterable
 
@@ -25,6 +23,7 @@ from nanodo import (
   optimizer,
   sharding,
   sources,
+  stop,
   token_cache,
   tokenizer,
   update,
@@ -89,35 +88,6 @@ def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
         'Stopped without saving this state; the checkpoints of earlier steps are kept.')
 
 
-class StopSignal:
-  """On SIGINT or SIGTERM, records it so that the loop ends after its step with a checkpoint.
-
-  A second signal acts at once. Ignored signals stay ignored; only the main thread can handle
-  signals, elsewhere this is a no-op.
-  """
-
-  def __init__(self):
-    self.name = ''
-    self._previous = {}
-
-  def __enter__(self) -> 'StopSignal':
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)
-                        if signal.getsignal(s) is not signal.SIG_IGN}
-    return self
-
-  def _handle(self, signum: int, frame: object) -> None:
-    self.name = signal.Signals(signum).name
-    signal.signal(signum, self._previous[signum])
-    # os.write: print could re-enter a print the main thread was in.
-    os.write(2, f'{self.name}: stopping after this step with a checkpoint (send it again to stop '
-                'at once).\n'.encode())
-
-  def __exit__(self, *exc: object) -> None:
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-
-
 def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
   """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval.
 
@@ -133,12 +103,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
     # Closing waits for a save in flight, also when an error or a signal ends the run. Steps are
     # traced with the mesh in context: the model splits activations along B over it.
-    with StopSignal() as stop, contextlib.closing(mngr), jax.set_mesh(mesh):
-      return _train(c, mngr, stop, mesh)
+    with stop.StopSignal() as stop_signal, contextlib.closing(mngr), jax.set_mesh(mesh):
+      return _train(c, mngr, stop_signal, mesh)
 
 
-def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: StopSignal,
-           mesh: jax.sharding.Mesh) -> dict[str, float]:
+def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
+           stop_signal: stop.StopSignal, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """The body of train_and_evaluate, in a locked workdir."""
   # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
   jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, 'compile_cache'))
@@ -198,7 +168,7 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: Stop
   pending, t_last = None, time.time()
   result = {}
   try:
-    while step < c.opt.num_train_steps and not stop.name:
+    while step < c.opt.num_train_steps and not stop_signal.name:
       if trace and step == trace.start:
         jax.profiler.start_trace(c.workdir)
       state, step_metrics = step_fn(state, sharding.global_batch(next(data_iter), batch_sharding))
@@ -221,12 +191,12 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager, stop: Stop
         result = _evaluate(writer, progress, step, graphdef, state['params'], eval_data,
                            batch_sharding)
         t_last = time.time()
-    if stop.name and step < c.opt.num_train_steps:
+    if stop_signal.name and step < c.opt.num_train_steps:
       if pending:
         log(*pending, t_last)
       if mngr.latest_step() != step:
         checkpoint.save(mngr, step, state, data_iter)
-      progress.log(f'Stopped by {stop.name} at step {step}, checkpoint saved. Run the same '
+      progress.log(f'Stopped by {stop_signal.name} at step {step}, checkpoint saved. Run the same '
                    'command to resume.')
       result = {}
     elif not result:  # Already trained to the end: evaluate what is there.

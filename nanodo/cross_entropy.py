@@ -17,8 +17,14 @@ Parts = dict[str, jax.Array]
 BLOCK_SIZE = 512
 
 
-def losses(logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array,
-           label_smoothing: float, z_loss: float) -> tuple[jax.Array, Parts]:
+def losses(
+  logits_TxV: jax.Array,
+  logz_T: jax.Array,
+  y_T: jax.Array,
+  weights_T: jax.Array,
+  label_smoothing: float,
+  z_loss: float,
+) -> tuple[jax.Array, Parts]:
   """The objective and its parts, each a weighted sum over the targets; logz_T: logsumexp.
 
   'loss' is always the plain next-token cross-entropy; label smoothing and the z-loss (on the
@@ -30,7 +36,8 @@ def losses(logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: 
   if label_smoothing:
     # Cross-entropy against (1 - s) on the target plus s spread uniformly over the vocabulary.
     parts['smoothed_loss'] = (1 - label_smoothing) * parts['loss'] + label_smoothing * total(
-        logz_T - jnp.mean(logits_TxV, axis=-1))
+      logz_T - jnp.mean(logits_TxV, axis=-1)
+    )
     objective = parts['smoothed_loss']
   if z_loss:
     parts['z_loss'] = z_loss * total(jnp.square(logz_T))
@@ -38,8 +45,14 @@ def losses(logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: 
   return objective, parts
 
 
-def grad_logits(logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array,
-                label_smoothing: float, z_loss: float) -> jax.Array:
+def grad_logits(
+  logits_TxV: jax.Array,
+  logz_T: jax.Array,
+  y_T: jax.Array,
+  weights_T: jax.Array,
+  label_smoothing: float,
+  z_loss: float,
+) -> jax.Array:
   """The gradient of losses' objective with respect to the logits, written out."""
   s, V = label_smoothing, logits_TxV.shape[-1]
   logz_Tx1 = logz_T[:, None]
@@ -58,8 +71,15 @@ def _blocks(v_BxLx: jax.Array, block_size: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def blockwise(h_BxLxD: jax.Array, out_VxD: jax.Array, y_BxL: jax.Array, weights_BxL: jax.Array,
-              label_smoothing: float, z_loss: float, block_size: int) -> tuple[jax.Array, Parts]:
+def blockwise(
+  h_BxLxD: jax.Array,
+  out_VxD: jax.Array,
+  y_BxL: jax.Array,
+  weights_BxL: jax.Array,
+  label_smoothing: float,
+  z_loss: float,
+  block_size: int,
+) -> tuple[jax.Array, Parts]:
   """losses of the logits h·out, a block of about block_size tokens at a time.
 
   Differentiable in h and out through the objective only (the parts are for reporting).
@@ -67,18 +87,31 @@ def blockwise(h_BxLxD: jax.Array, out_VxD: jax.Array, y_BxL: jax.Array, weights_
   return _forward(h_BxLxD, out_VxD, y_BxL, weights_BxL, label_smoothing, z_loss, block_size)[0]
 
 
-def _forward(h_BxLxD: jax.Array, out_VxD: jax.Array, y_BxL: jax.Array, weights_BxL: jax.Array,
-             label_smoothing: float, z_loss: float,
-             block_size: int) -> tuple[tuple[jax.Array, Parts], tuple[jax.Array, jax.Array]]:
+def _forward(
+  h_BxLxD: jax.Array,
+  out_VxD: jax.Array,
+  y_BxL: jax.Array,
+  weights_BxL: jax.Array,
+  label_smoothing: float,
+  z_loss: float,
+  block_size: int,
+) -> tuple[tuple[jax.Array, Parts], tuple[jax.Array, jax.Array]]:
   """blockwise's value, and its gradients in h and out, computed together block by block."""
+
   def block(d_out_VxD: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
     h_BxLbxD, y_BxLb, weights_BxLb = xs
     # logits in float32: the loss needs the precision.
     h_TxD = h_BxLbxD.reshape(-1, h_BxLbxD.shape[-1]).astype(jnp.float32)
     logits_TxV = jnp.einsum('TD,VD->TV', h_TxD, out_VxD)
     logz_T = jax.nn.logsumexp(logits_TxV, axis=-1)
-    args = (logits_TxV, logz_T, y_BxLb.reshape(-1), weights_BxLb.reshape(-1), label_smoothing,
-            z_loss)
+    args = (
+      logits_TxV,
+      logz_T,
+      y_BxLb.reshape(-1),
+      weights_BxLb.reshape(-1),
+      label_smoothing,
+      z_loss,
+    )
     g_TxV = grad_logits(*args)
     d_h_BxLbxD = jnp.einsum('TV,VD->TD', g_TxV, out_VxD).reshape(h_BxLbxD.shape)
     return d_out_VxD + jnp.einsum('TV,TD->VD', g_TxV, h_TxD), (losses(*args), d_h_BxLbxD)
@@ -89,9 +122,13 @@ def _forward(h_BxLxD: jax.Array, out_VxD: jax.Array, y_BxL: jax.Array, weights_B
   return jax.tree.map(jnp.sum, sums), (d_h_BxLxD, d_out_VxD)
 
 
-def _backward(label_smoothing: float, z_loss: float, block_size: int,
-              grads: tuple[jax.Array, jax.Array],
-              cotangents: tuple[jax.Array, Parts]) -> tuple[jax.Array | None, ...]:
+def _backward(
+  label_smoothing: float,
+  z_loss: float,
+  block_size: int,
+  grads: tuple[jax.Array, jax.Array],
+  cotangents: tuple[jax.Array, Parts],
+) -> tuple[jax.Array | None, ...]:
   """The gradients _forward computed, times the objective's cotangent."""
   ct = cotangents[0]
   return (ct * grads[0]).astype(grads[0].dtype), ct * grads[1], None, None

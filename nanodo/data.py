@@ -79,13 +79,16 @@ def packed_rows(offsets: np.ndarray, L: int) -> Rows:
 def concat_rows(num_tokens: int, L: int) -> Rows:
   """The original's rows: the token stream cut into rows of L that overlap by one token."""
   num_rows = (num_tokens - 1) // (L - 1)
-  return Rows(np.arange(num_rows, dtype=np.int64) * (L - 1), np.full(num_rows, L, np.int64),
-              np.arange(num_rows + 1, dtype=np.int64))
+  return Rows(
+    np.arange(num_rows, dtype=np.int64) * (L - 1),
+    np.full(num_rows, L, np.int64),
+    np.arange(num_rows + 1, dtype=np.int64),
+  )
 
 
 def read_row(ids: np.ndarray, rows: Rows, L: int, r: int) -> Batch:
   """Row r: its tokens, segment ids and per-segment positions, padded with zeros to L."""
-  starts, lengths = (a[rows.first[r]:rows.first[r + 1]] for a in (rows.starts, rows.lengths))
+  starts, lengths = (a[rows.first[r] : rows.first[r + 1]] for a in (rows.starts, rows.lengths))
   n = int(lengths.sum())
   positions = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
   row = {k: np.zeros(L, np.int32) for k in ('x', 'segment_ids', 'positions')}
@@ -121,8 +124,14 @@ def train_rows(tokens: Tokens, L: int, packing: str) -> Rows:
   return concat_rows(len(tokens.ids), L)
 
 
-def train_dataset(tokens: Tokens, L: int, batch_size: int, seed: int, packing: str = 'packed',
-                  shard: grain.sharding.ShardOptions = ONE_PROCESS) -> grain.IterDataset:
+def train_dataset(
+  tokens: Tokens,
+  L: int,
+  batch_size: int,
+  seed: int,
+  packing: str = 'packed',
+  shard: grain.sharding.ShardOptions = ONE_PROCESS,
+) -> grain.IterDataset:
   """This shard's part of every global batch of batch_size rows, shuffled anew every epoch.
 
   All processes shuffle alike and each reads only its slice of every batch: the global batches
@@ -130,8 +139,10 @@ def train_dataset(tokens: Tokens, L: int, batch_size: int, seed: int, packing: s
   """
   rows = train_rows(tokens, L, packing)
   if len(rows) < batch_size:
-    raise ValueError(f'The corpus has {len(rows)} rows of L={L} tokens, fewer than a batch of '
-                     f'{batch_size}; lower batch_size or model.L, or use more data.')
+    raise ValueError(
+      f'The corpus has {len(rows)} rows of L={L} tokens, fewer than a batch of '
+      f'{batch_size}; lower batch_size or model.L, or use more data.'
+    )
   mine = _mine(batch_size, shard)
   ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -146,8 +157,9 @@ class EvalData:
   num_bytes: int
 
 
-def eval_data(tokens: Tokens, L: int, batch_size: int,
-              shard: grain.sharding.ShardOptions = ONE_PROCESS) -> EvalData:
+def eval_data(
+  tokens: Tokens, L: int, batch_size: int, shard: grain.sharding.ShardOptions = ONE_PROCESS
+) -> EvalData:
   """Every held-out document in packed rows, padded with empty rows to full global batches.
 
   Rows are packed whatever the training packing: segments keep documents apart, so the loss is
@@ -156,9 +168,13 @@ def eval_data(tokens: Tokens, L: int, batch_size: int,
   rows = packed_rows(tokens.offsets, L)
   num_batches = -(-len(rows) // batch_size)
   empty = num_batches * batch_size - len(rows)
-  every = {k: np.pad(v, ((0, empty), (0, 0)))
-           for k, v in read_rows(tokens.ids, rows, L, np.arange(len(rows))).items()}
+  every = {
+    k: np.pad(v, ((0, empty), (0, 0)))
+    for k, v in read_rows(tokens.ids, rows, L, np.arange(len(rows))).items()
+  }
   mine = _mine(batch_size, shard)
-  batches = [{k: v.reshape(num_batches, batch_size, L)[b, mine] for k, v in every.items()}
-             for b in range(num_batches)]
+  batches = [
+    {k: v.reshape(num_batches, batch_size, L)[b, mine] for k, v in every.items()}
+    for b in range(num_batches)
+  ]
   return EvalData(batches, tokens.num_bytes)

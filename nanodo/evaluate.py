@@ -20,7 +20,7 @@ def get_in_out(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.A
   y_BxL = jnp.pad(x_BxL[:, 1:], ((0, 0), (0, 1)))
   next_segment_ids_BxL = jnp.pad(segment_ids_BxL[:, 1:], ((0, 0), (0, 1)))
   # Padding (segment 0) and the first token of the next document are never targets.
-  weights_BxL = ((next_segment_ids_BxL == segment_ids_BxL) & (segment_ids_BxL != 0))
+  weights_BxL = (next_segment_ids_BxL == segment_ids_BxL) & (segment_ids_BxL != 0)
   return x_BxL, y_BxL, weights_BxL.astype(jnp.float32)
 
 
@@ -37,8 +37,9 @@ def token_nll(logits_BxLxV: jax.Array, y_BxL: jax.Array) -> jax.Array:
   return logz_BxL - logit_y_BxL
 
 
-def eval_step(params: PyTree, batch: dict[str, jax.Array],
-              graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+def eval_step(
+  params: PyTree, batch: dict[str, jax.Array], graphdef: nnx.GraphDef
+) -> dict[str, jax.Array]:
   """Sums of the held-out NLL, its square and the target count over one batch."""
   _, y_BxL, weights_BxL = get_in_out(batch)
   nll_BxL = token_nll(logits(graphdef, params, batch), y_BxL) * weights_BxL
@@ -50,9 +51,13 @@ def _jitted_eval_step(graphdef: nnx.GraphDef) -> callable:
   return jax.jit(functools.partial(eval_step, graphdef=graphdef))
 
 
-def evaluate(graphdef: nnx.GraphDef, params: PyTree, data: EvalData,
-             batch_sharding: jax.sharding.Sharding,
-             progress: Progress | None = None) -> dict[str, float]:
+def evaluate(
+  graphdef: nnx.GraphDef,
+  params: PyTree,
+  data: EvalData,
+  batch_sharding: jax.sharding.Sharding,
+  progress: Progress | None = None,
+) -> dict[str, float]:
   """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
   step = _jitted_eval_step(graphdef)
   task = progress.add('eval', len(data.batches)) if progress else None
@@ -67,9 +72,14 @@ def evaluate(graphdef: nnx.GraphDef, params: PyTree, data: EvalData,
       progress.update(task, len(sums) - 1)
   if task is not None:
     progress.remove(task)
-  nll, nll_sq, count = (float(np.sum([s[k] for s in sums], dtype=np.float64))
-                        for k in ('nll', 'nll_sq', 'count'))
+  nll, nll_sq, count = (
+    float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in ('nll', 'nll_sq', 'count')
+  )
   loss = nll / count
   stderr = math.sqrt(max(nll_sq / count - loss**2, 0.0) / count)
-  return {'loss': loss, 'loss_stderr': stderr, 'perplexity': math.exp(loss),
-          'bits_per_byte': nll / math.log(2) / data.num_bytes}
+  return {
+    'loss': loss,
+    'loss_stderr': stderr,
+    'perplexity': math.exp(loss),
+    'bits_per_byte': nll / math.log(2) / data.num_bytes,
+  }

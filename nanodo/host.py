@@ -23,5 +23,10 @@ def reuse_freed_memory() -> bool:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):
     return False
-  return all([mallopt(M_ARENA_MAX, 1) == 1, mallopt(M_MMAP_MAX, 0) == 1,
-              mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1])
+  return all(
+    [
+      mallopt(M_ARENA_MAX, 1) == 1,
+      mallopt(M_MMAP_MAX, 0) == 1,
+      mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1,
+    ]
+  )

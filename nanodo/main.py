@@ -15,7 +15,8 @@ from nanodo.progress import Progress
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
 # `nanodo sample`, `eval` and `plot` flags.
 _WORKDIR = flags.DEFINE_multi_string(
-    'workdir', [], 'A training workdir; `plot` takes several (repeat the flag) to overlay runs.')
+  'workdir', [], 'A training workdir; `plot` takes several (repeat the flag) to overlay runs.'
+)
 _STEP = flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'A file whose whole text is one prompt.')
@@ -76,9 +77,16 @@ def _sample(argv: list[str]) -> None:
     model = sample.load(workdir, _STEP.value)
     # Samples stream to stdout; on a terminal that is the progress, so stderr gets plain lines.
     with Progress(sys.stderr, bar=sys.stderr.isatty() and not sys.stdout.isatty()) as progress:
-      sample.sample(model, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling,
-                    num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
-                    printer=sample.Printer(model.sp), progress=progress)
+      sample.sample(
+        model,
+        prompts,
+        max_new_tokens=_MAX_NEW_TOKENS.value,
+        sampling=sampling,
+        num_samples=_NUM_SAMPLES.value,
+        seed=_SEED.value,
+        printer=sample.Printer(model.sp),
+        progress=progress,
+      )
   except ValueError as e:
     sys.exit(f'error: {e}')
 
@@ -89,20 +97,28 @@ def _eval(argv: list[str]) -> None:
     model = sample.load(workdir, _STEP.value)
     c = ml_collections.ConfigDict(model.config)
     if c.eval_batch_size % jax.device_count():
-      raise ValueError(f'The run\'s eval_batch_size={c.eval_batch_size} is not divisible by '
-                       f'the {jax.device_count()} devices here.')
+      raise ValueError(
+        f"The run's eval_batch_size={c.eval_batch_size} is not divisible by "
+        f'the {jax.device_count()} devices here.'
+      )
     cache_dir = c.cache_dir or os.path.join(workdir, 'token_cache')
-    tokens = token_cache.load(sources.get_split(c, 'eval'), model.sp, cache_dir,
-                              c.tokenize_workers)
+    tokens = token_cache.load(sources.get_split(c, 'eval'), model.sp, cache_dir, c.tokenize_workers)
     eval_data = data.eval_data(tokens, model.cfg.L, c.eval_batch_size)
     with Progress() as progress:
-      result = evaluate.evaluate(model.graphdef, model.params, eval_data,
-                                 sharding.batch_sharding(sharding.make_mesh()), progress)
+      result = evaluate.evaluate(
+        model.graphdef,
+        model.params,
+        eval_data,
+        sharding.batch_sharding(sharding.make_mesh()),
+        progress,
+      )
   except ValueError as e:
     sys.exit(f'error: {e}')
-  print(f'step {model.step} held-out ({c.ds_name}): loss {result["loss"]:.4f} '
-        f'± {result["loss_stderr"]:.4f}, perplexity {result["perplexity"]:.2f}, '
-        f'bits per byte {result["bits_per_byte"]:.4f}')
+  print(
+    f'step {model.step} held-out ({c.ds_name}): loss {result["loss"]:.4f} '
+    f'± {result["loss_stderr"]:.4f}, perplexity {result["perplexity"]:.2f}, '
+    f'bits per byte {result["bits_per_byte"]:.4f}'
+  )
 
 
 def _plot(argv: list[str]) -> None:
@@ -135,8 +151,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     name = re.search(r'\w+', str(e))[0]
     flag = next((a.split('=')[0] for a in argv if a.split('=')[0].endswith(f'.{name}')), name)
     hint = re.search(r'Did you mean "(\w+)"', str(e))
-    sys.exit(f'error: {flag} is not a config key' + (f'; did you mean {hint[1]}?' if hint else '.')
-             + ' The keys are those of nanodo/configs/default.py.')
+    sys.exit(
+      f'error: {flag} is not a config key'
+      + (f'; did you mean {hint[1]}?' if hint else '.')
+      + ' The keys are those of nanodo/configs/default.py.'
+    )
   except (OSError, SyntaxError) as e:
     sys.exit(f'error: the --config file cannot be loaded: {e}')
   return args

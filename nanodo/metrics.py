@@ -19,8 +19,17 @@ from nanodo import optimizer
 from nanodo.optimizer import PyTree
 
 EMBEDDINGS = r'^(embed_VxD|pos_LxD|head_DxV)$'
-PACKAGES = ('nanodo', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy',
-            'sentencepiece')
+PACKAGES = (
+  'nanodo',
+  'jax',
+  'jaxlib',
+  'flax',
+  'optax',
+  'orbax-checkpoint',
+  'grain',
+  'numpy',
+  'sentencepiece',
+)
 
 
 def global_norm(tree: PyTree) -> jax.Array:
@@ -39,8 +48,11 @@ def tree_stats(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
     name = optimizer.path_str(path).split('__call__')[0].strip('/') or 'output'
     x = x.astype(jnp.float32)
     # std in two passes: rms² - mean² cancels for values far from 0 (LayerNorm scales near 1).
-    stats |= {f'{prefix}/{name}/rms': jnp.sqrt(jnp.mean(jnp.square(x))),
-              f'{prefix}/{name}/mean': jnp.mean(x), f'{prefix}/{name}/std': jnp.std(x)}
+    stats |= {
+      f'{prefix}/{name}/rms': jnp.sqrt(jnp.mean(jnp.square(x))),
+      f'{prefix}/{name}/mean': jnp.mean(x),
+      f'{prefix}/{name}/std': jnp.std(x),
+    }
   return stats
 
 
@@ -89,10 +101,22 @@ def git_commit() -> str | None:
   """The git commit of nanodo's source ('+dirty' with uncommitted changes); None outside git."""
   source = os.path.dirname(os.path.abspath(__file__))
   try:
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=source, capture_output=True,
-                            text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=source,
-                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    commit = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'],
+      cwd=source,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ['git', 'status', '--porcelain', '--untracked-files=no'],
+      cwd=source,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=True,
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
   return commit + ('+dirty' if dirty else '')
@@ -145,8 +169,13 @@ class Writer:
     self._file = open(self.path, 'a', encoding='utf-8')
     # A resumed run's TensorBoard hides the events of steps after the restored one.
     self._tb = tensorboardX.SummaryWriter(c.workdir, purge_step=step + 1 if step else None)
-    hparams = {'step': step, 'time': time.time(), 'config': json.loads(c.to_json_best_effort()),
-               'versions': versions(), 'git_commit': git_commit()}
+    hparams = {
+      'step': step,
+      'time': time.time(),
+      'config': json.loads(c.to_json_best_effort()),
+      'versions': versions(),
+      'git_commit': git_commit(),
+    }
     with open(os.path.join(c.workdir, 'hparams.jsonl'), 'a', encoding='utf-8') as f:
       f.write(json.dumps(hparams) + '\n')
     for key in ('config', 'versions', 'git_commit'):
@@ -189,8 +218,17 @@ def _wandb_run(c: ml_collections.ConfigDict, hparams: dict) -> object:
     run_id = uuid.uuid4().hex[:12]
     with open(id_path, 'w', encoding='utf-8') as f:
       f.write(run_id)
-  config = {**hparams['config'], 'versions': hparams['versions'],
-            'git_commit': hparams['git_commit']}
-  return wandb.init(project=c.wandb_project, entity=c.wandb_entity or None, config=config,
-                    dir=c.workdir, id=run_id, resume='allow',
-                    name=os.path.basename(os.path.abspath(c.workdir)))
+  config = {
+    **hparams['config'],
+    'versions': hparams['versions'],
+    'git_commit': hparams['git_commit'],
+  }
+  return wandb.init(
+    project=c.wandb_project,
+    entity=c.wandb_entity or None,
+    config=config,
+    dir=c.workdir,
+    id=run_id,
+    resume='allow',
+    name=os.path.basename(os.path.abspath(c.workdir)),
+  )

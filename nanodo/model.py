@@ -32,8 +32,12 @@ POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'swiglu')
 ATTENTIONS = ('einsum', 'dot_product_attention')
-REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-                  'everything_saveable')
+REMAT_POLICIES = (
+  'nothing_saveable',
+  'dots_saveable',
+  'dots_with_no_batch_dims_saveable',
+  'everything_saveable',
+)
 
 # Keys and values of one layer, k_BxMxGxK and v_BxMxGxK; a cache has one pair per layer.
 LayerCache = tuple[jax.Array, jax.Array]
@@ -66,8 +70,9 @@ class ModelConfig:
     return self.KV or self.H
 
 
-def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...],
-           names: tuple[str | None, ...]) -> nnx.Param:
+def _param(
+  rngs: nnx.Rngs, std: float, shape: tuple[int, ...], names: tuple[str | None, ...]
+) -> nnx.Param:
   """A normal-initialised weight with its partition spec (applied by the caller's jit)."""
   value = nnx.initializers.normal(stddev=std)(rngs.params(), shape)
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
@@ -114,8 +119,13 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm, self.k_norm = _norm(cfg, K, rngs), _norm(cfg, K, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, cache: LayerCache | None = None,
-               segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    pos_BxL: jax.Array,
+    cache: LayerCache | None = None,
+    segment_ids_BxL: jax.Array | None = None,
+  ) -> tuple[jax.Array, LayerCache | None]:
     """Attends from the tokens at pos_BxL to positions <= their own.
 
     With a cache (decoding), the new keys and values are first written into it at pos_BxL. With
@@ -126,7 +136,8 @@ class Attention(nnx.Module):
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
     q_BxLxHxK = jnp.einsum('TD,DHK->THK', x_TxD, self.wq_DxHxK[...].astype(dtype)).reshape(
-        B, L, self.cfg.H, -1)
+      B, L, self.cfg.H, -1
+    )
     kv_2xTxGxK = jnp.einsum('TD,SDGK->STGK', x_TxD, self.wkv_2xDxGxK[...].astype(dtype))
     k_BxLxGxK, v_BxLxGxK = kv_2xTxGxK.reshape(2, B, L, *kv_2xTxGxK.shape[-2:])
     if self.cfg.qk_norm:
@@ -145,19 +156,22 @@ class Attention(nnx.Module):
       # Causal by position: in a cache, entries past a row's position are stale or padding.
       visible_BxLxM = jnp.arange(k_BxMxGxK.shape[1]) <= pos_BxL[..., None]
     else:
-      visible_BxLxM = (jnp.tril(jnp.ones((1, L, L), bool))
-                       & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]))
+      visible_BxLxM = jnp.tril(jnp.ones((1, L, L), bool)) & (
+        segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+      )
     out_BxLxHxK = self._attend(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_BxLxM)
     out_TxHxK = out_BxLxHxK.reshape(B * L, *out_BxLxHxK.shape[-2:])
     out_TxD = jnp.einsum('THK,HKD->TD', out_TxHxK, self.wo_HxKxD[...].astype(dtype))
     return out_TxD.reshape(B, L, D), cache
 
-  def _attend(self, q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array,
-              visible_BxLxM: jax.Array) -> jax.Array:
+  def _attend(
+    self, q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array, visible_BxLxM: jax.Array
+  ) -> jax.Array:
     """Softmax attention of each query head over its key/value head's visible positions."""
     if self.cfg.attention == 'dot_product_attention':  # picks cuDNN's fused kernel on GPUs
-      return jax.nn.dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK,
-                                          mask=visible_BxLxM[:, None])
+      return jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask=visible_BxLxM[:, None]
+      )
     dtype = q_BxLxHxK.dtype
     B, L, H, K = q_BxLxHxK.shape
     G = k_BxMxGxK.shape[2]
@@ -166,8 +180,9 @@ class Attention(nnx.Module):
     k_BxGxMxK, v_BxGxMxK = (t.transpose(0, 2, 1, 3) for t in (k_BxMxGxK, v_BxMxGxK))
     att_BxGxRxLxM = jnp.einsum('BGRLK,BGMK->BGRLM', q_BxGxRxLxK, k_BxGxMxK)
     # softmax in float32: bfloat16 loses the small probabilities.
-    att_BxGxRxLxM = jnp.where(visible_BxLxM[:, None, None], att_BxGxRxLxM.astype(jnp.float32),
-                              -jnp.inf)
+    att_BxGxRxLxM = jnp.where(
+      visible_BxLxM[:, None, None], att_BxGxRxLxM.astype(jnp.float32), -jnp.inf
+    )
     att_BxGxRxLxM = jax.nn.softmax(att_BxGxRxLxM, axis=-1).astype(dtype)
     out_BxGxRxLxK = jnp.einsum('BGRLM,BGMK->BGRLK', att_BxGxRxLxM, v_BxGxMxK)
     return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
@@ -205,8 +220,13 @@ class Block(nnx.Module):
     self.ln2 = _norm(cfg, cfg.D, rngs)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, cache: LayerCache | None = None,
-               segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    pos_BxL: jax.Array,
+    cache: LayerCache | None = None,
+    segment_ids_BxL: jax.Array | None = None,
+  ) -> tuple[jax.Array, LayerCache | None]:
     h_BxLxD, cache = self.attn(self.ln1(x_BxLxD), pos_BxL, cache, segment_ids_BxL)
     x_BxLxD = x_BxLxD + h_BxLxD
     return x_BxLxD + self.mlp(self.ln2(x_BxLxD)), cache
@@ -225,13 +245,21 @@ class TransformerDecoder(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.N)])
     self.ln_f = _norm(cfg, cfg.D, rngs)
 
-  def __call__(self, x_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
-               pos_BxL: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x_BxL: jax.Array,
+    segment_ids_BxL: jax.Array | None = None,
+    pos_BxL: jax.Array | None = None,
+  ) -> jax.Array:
     """Logits; packed rows give segment ids (attention stays within each) and their positions."""
     return self.project(self.hidden(x_BxL, segment_ids_BxL, pos_BxL))
 
-  def hidden(self, x_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
-             pos_BxL: jax.Array | None = None) -> jax.Array:
+  def hidden(
+    self,
+    x_BxL: jax.Array,
+    segment_ids_BxL: jax.Array | None = None,
+    pos_BxL: jax.Array | None = None,
+  ) -> jax.Array:
     """The last block's normalised outputs, which project turns into logits."""
     if pos_BxL is None:
       pos_BxL = jnp.broadcast_to(jnp.arange(x_BxL.shape[1]), x_BxL.shape)
@@ -243,8 +271,9 @@ class TransformerDecoder(nnx.Module):
       x_BxLxD, _ = block_fn(block, x_BxLxD, pos_BxL, None, segment_ids_BxL)
     return self.ln_f(x_BxLxD)
 
-  def decode(self, x_BxL: jax.Array, pos_BxL: jax.Array,
-             cache: list[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
+  def decode(
+    self, x_BxL: jax.Array, pos_BxL: jax.Array, cache: list[LayerCache]
+  ) -> tuple[jax.Array, list[LayerCache]]:
     """Logits of new tokens at positions pos_BxL (each below cfg.L); the cache extended by them."""
     x_BxLxD = self._embed(x_BxL, pos_BxL)
     new_cache = []

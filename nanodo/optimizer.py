@@ -35,8 +35,9 @@ def get_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
   elif o.decay_type == 'wsd':
     cooldown = round(o.wsd_decay_fraction * decay_steps)
     decay = optax.join_schedules(
-        [optax.constant_schedule(peak), optax.linear_schedule(peak, final, cooldown)],
-        [decay_steps - cooldown])
+      [optax.constant_schedule(peak), optax.linear_schedule(peak, final, cooldown)],
+      [decay_steps - cooldown],
+    )
   else:
     raise ValueError(f'opt.decay_type={o.decay_type!r} is not valid; valid: {SCHEDULES}.')
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
@@ -50,7 +51,8 @@ def path_str(path: tuple) -> str:
 def decay_mask(params: PyTree, exclude: str) -> PyTree:
   """True for the matrices weight decay applies to: not vectors, not paths matching exclude."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim > 1 and not (exclude and re.search(exclude, path_str(path))), params)
+    lambda path, p: p.ndim > 1 and not (exclude and re.search(exclude, path_str(path))), params
+  )
 
 
 def parse_multipliers(spec: str) -> list[tuple[str, float]]:
@@ -66,8 +68,11 @@ def scale_by_path(spec: str) -> optax.GradientTransformation:
   def multiplier(path: tuple) -> float:
     return next((m for pattern, m in rules if re.search(pattern, path_str(path))), 1.0)
 
-  return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
-      lambda path, u: u * multiplier(path), updates))
+  return optax.stateless(
+    lambda updates, params=None: jax.tree_util.tree_map_with_path(
+      lambda path, u: u * multiplier(path), updates
+    )
+  )
 
 
 def muon_dims(params: PyTree) -> PyTree:
@@ -76,6 +81,7 @@ def muon_dims(params: PyTree) -> PyTree:
   Leading stacked dimensions (wkv_2x..) are batch; a weight that writes the residual stream
   (..xD) reduces over its other dimensions, the others reduce over D.
   """
+
   def dims(path: tuple, p: jax.Array) -> optax.contrib.MuonDimensionNumbers | None:
     name = path_str(path).split('/')[-1]
     if not path_str(path).startswith('blocks/') or p.ndim < 2:
@@ -86,6 +92,7 @@ def muon_dims(params: PyTree) -> PyTree:
       return optax.contrib.MuonDimensionNumbers(tuple(named[:-1]), named[-1])
     d = axes.index('D')
     return optax.contrib.MuonDimensionNumbers(d, tuple(i for i in named if i != d))
+
   return jax.tree_util.tree_map_with_path(dims, params)
 
 
@@ -94,18 +101,26 @@ def get_optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
   schedule = get_schedule(o)
   mask = lambda params: decay_mask(params, o.weight_decay_exclude)
   if o.optimizer == 'adamw':
-    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                     mask=mask)
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
   elif o.optimizer == 'lion':
     tx = optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
   elif o.optimizer == 'adafactor':
     # Optax's Adafactor decays by a fixed rate per step: AdamW's decay at the peak learning rate.
-    tx = optax.adafactor(schedule, weight_decay_rate=o.weight_decay * o.peak_learning_rate or None,
-                         weight_decay_mask=mask)
+    tx = optax.adafactor(
+      schedule,
+      weight_decay_rate=o.weight_decay * o.peak_learning_rate or None,
+      weight_decay_mask=mask,
+    )
   elif o.optimizer == 'muon':
-    tx = optax.contrib.muon(schedule, beta=o.b1, weight_decay=o.weight_decay,
-                            weight_decay_mask=mask, adam_b1=o.b1, adam_b2=o.b2,
-                            muon_weight_dimension_numbers=muon_dims)
+    tx = optax.contrib.muon(
+      schedule,
+      beta=o.b1,
+      weight_decay=o.weight_decay,
+      weight_decay_mask=mask,
+      adam_b1=o.b1,
+      adam_b2=o.b2,
+      muon_weight_dimension_numbers=muon_dims,
+    )
   else:
     raise ValueError(f'opt.optimizer={o.optimizer!r} is not valid; valid: {OPTIMIZERS}.')
   clip = optax.identity()

@@ -48,16 +48,18 @@ def read_run(workdir: str, name: str) -> Run:
           values.setdefault(k, {})[row['step']] = v
   if not values:
     raise ValueError(f'workdir={workdir!r} has no logged step yet.')
-  series = {k: (np.asarray(sorted(v)), np.asarray([v[s] for s in sorted(v)]))
-            for k, v in values.items()}
+  series = {
+    k: (np.asarray(sorted(v)), np.asarray([v[s] for s in sorted(v)])) for k, v in values.items()
+  }
   return Run(name, series, c['batch_size'] * c['model']['L'])
 
 
 def _names(workdirs: list[str]) -> list[str]:
   """Each run's legend: its directory's name, or its whole path where names repeat."""
   names = [os.path.basename(os.path.abspath(w)) for w in workdirs]
-  return [n if names.count(n) == 1 else os.path.abspath(w) for n, w in zip(names, workdirs,
-                                                                            strict=True)]
+  return [
+    n if names.count(n) == 1 else os.path.abspath(w) for n, w in zip(names, workdirs, strict=True)
+  ]
 
 
 def _smooth(v: np.ndarray) -> np.ndarray:
@@ -92,12 +94,14 @@ def plot(workdirs: list[str], out: str) -> None:
     axes[1, 1].plot(rate_steps, rate, color=color, alpha=0.2, linewidth=0.8)
     axes[1, 1].plot(rate_steps, _smooth(rate), color=color, linewidth=1.5)
     axes[1, 2].plot(*run.get('grad_norm'), color=color, linewidth=0.8)
-  labels = [('step', 'loss (nats per token)', 'Loss: train (smoothed) and held-out (dashed)'),
-            ('tokens', 'loss (nats per token)', 'Loss against tokens seen'),
-            ('tokens', 'bits per byte', 'Held-out bits per byte'),
-            ('step', 'learning rate', 'Learning rate'),
-            ('step', 'tokens per second', 'Throughput (smoothed)'),
-            ('step', 'global L2 norm', 'Gradient norm (before clipping)')]
+  labels = [
+    ('step', 'loss (nats per token)', 'Loss: train (smoothed) and held-out (dashed)'),
+    ('tokens', 'loss (nats per token)', 'Loss against tokens seen'),
+    ('tokens', 'bits per byte', 'Held-out bits per byte'),
+    ('step', 'learning rate', 'Learning rate'),
+    ('step', 'tokens per second', 'Throughput (smoothed)'),
+    ('step', 'global L2 norm', 'Gradient norm (before clipping)'),
+  ]
   for ax, (x, y, title) in zip(axes.flat, labels, strict=True):
     ax.set(xlabel=x, ylabel=y, title=title)
     ax.grid(alpha=0.3)

@@ -49,12 +49,17 @@ class Progress:
     self._rich = None
     if self.bar:
       self._rich = rich_progress.Progress(
-          rich_progress.TextColumn('{task.description}'), rich_progress.BarColumn(),
-          rich_progress.MofNCompleteColumn(), rich_progress.TextColumn('{task.fields[info]}'),
-          rich_progress.TimeElapsedColumn(), rich_progress.TextColumn('eta'),
-          rich_progress.TimeRemainingColumn(),
-          console=rich_console.Console(file=self.file, force_terminal=True, highlight=False),
-          redirect_stdout=False, redirect_stderr=False)
+        rich_progress.TextColumn('{task.description}'),
+        rich_progress.BarColumn(),
+        rich_progress.MofNCompleteColumn(),
+        rich_progress.TextColumn('{task.fields[info]}'),
+        rich_progress.TimeElapsedColumn(),
+        rich_progress.TextColumn('eta'),
+        rich_progress.TimeRemainingColumn(),
+        console=rich_console.Console(file=self.file, force_terminal=True, highlight=False),
+        redirect_stdout=False,
+        redirect_stderr=False,
+      )
       self._rich.start()
 
   def __enter__(self) -> 'Progress':
@@ -85,8 +90,12 @@ class Progress:
       return
     rate = (done - p.first[0]) / (now - p.first[1]) if done > p.first[0] else 0.0
     count = f'{done:>{len(str(p.total))}}/{p.total}'
-    parts = [f'{p.name} {count}', text, f'elapsed {_duration(now - p.start_time)}',
-             f'eta {_duration((p.total - done) / rate)}' if rate else '']
+    parts = [
+      f'{p.name} {count}',
+      text,
+      f'elapsed {_duration(now - p.start_time)}',
+      f'eta {_duration((p.total - done) / rate)}' if rate else '',
+    ]
     self.log(' | '.join(filter(None, parts)))
 
   def remove(self, task: int) -> None:

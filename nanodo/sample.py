@@ -101,8 +101,9 @@ def check_request(prompts: list[str], max_new_tokens: int, num_samples: int) -> 
     raise ValueError(f'num_samples={num_samples} is not valid: must be a positive integer.')
 
 
-def encode_prompts(sp: spm.SentencePieceProcessor, prompts: list[str], L: int,
-                   max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(
+  sp: spm.SentencePieceProcessor, prompts: list[str], L: int, max_new_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded ids (BOS first) and lengths; refuses to generate past the context L."""
   ids = [[sp.bos_id(), *sp.encode(p)] for p in prompts]
   for x in ids:
@@ -110,11 +111,12 @@ def encode_prompts(sp: spm.SentencePieceProcessor, prompts: list[str], L: int,
       raise ValueError(f'The prompt is {len(x)} tokens (with BOS), longer than the context L={L}.')
     if len(x) + max_new_tokens > L:
       raise ValueError(
-          f'{len(x)} prompt tokens + max_new_tokens={max_new_tokens} exceed the context L={L}; '
-          f'learned positions cannot extrapolate: ask for at most {L - len(x)} new tokens.')
+        f'{len(x)} prompt tokens + max_new_tokens={max_new_tokens} exceed the context L={L}; '
+        f'learned positions cannot extrapolate: ask for at most {L - len(x)} new tokens.'
+      )
   prompt_BxP = np.zeros((len(ids), max(map(len, ids))), np.int32)
   for row, x in zip(prompt_BxP, ids, strict=True):
-    row[:len(x)] = x
+    row[: len(x)] = x
   return prompt_BxP, np.asarray([len(x) for x in ids], np.int32)
 
 
@@ -123,8 +125,9 @@ def row_keys(seed: int, B: int) -> jax.Array:
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(B))
 
 
-def next_token(logits_BxV: jax.Array, keys_B: jax.Array, step: int | jax.Array,
-               sampling: Sampling) -> jax.Array:
+def next_token(
+  logits_BxV: jax.Array, keys_B: jax.Array, step: int | jax.Array, sampling: Sampling
+) -> jax.Array:
   """Each row's next token under sampling; the draw of step uses the row's key folded with it."""
   if sampling.temperature == 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -147,8 +150,14 @@ def next_token(logits_BxV: jax.Array, keys_B: jax.Array, step: int | jax.Array,
 Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, list[LayerCache]]
 
 
-def _decode_step(model: TransformerDecoder, keys_B: jax.Array, sampling: Sampling, eos_id: int,
-                 on_token: OnToken | None, carry: Carry) -> Carry:
+def _decode_step(
+  model: TransformerDecoder,
+  keys_B: jax.Array,
+  sampling: Sampling,
+  eos_id: int,
+  on_token: OnToken | None,
+  carry: Carry,
+) -> Carry:
   """Records each row's token, then feeds it through the model (one position) for the next."""
   step, token_B, pos_B, done_B, out_BxN, cache = carry
   token_B = jnp.where(done_B, tokenizer.PAD_ID, token_B)
@@ -167,11 +176,21 @@ def _running(max_new_tokens: int, carry: Carry) -> jax.Array:
   return (step < max_new_tokens) & ~jnp.all(done_B)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'sampling', 'eos_id',
-                                             'on_token'))
-def generate(graphdef: nnx.GraphDef, params: PyTree, prompt_BxP: jax.Array, length_B: jax.Array,
-             keys_B: jax.Array, *, max_new_tokens: int, sampling: Sampling, eos_id: int,
-             on_token: OnToken | None = None) -> jax.Array:
+@functools.partial(
+  jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'sampling', 'eos_id', 'on_token')
+)
+def generate(
+  graphdef: nnx.GraphDef,
+  params: PyTree,
+  prompt_BxP: jax.Array,
+  length_B: jax.Array,
+  keys_B: jax.Array,
+  *,
+  max_new_tokens: int,
+  sampling: Sampling,
+  eos_id: int,
+  on_token: OnToken | None = None,
+) -> jax.Array:
   """New tokens of right-padded prompts: EOS ends a row (PAD after it), all rows end the loop."""
   model = nnx.merge(graphdef, params)
   B, P = prompt_BxP.shape
@@ -180,15 +199,17 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, prompt_BxP: jax.Array, leng
   token_B = next_token(logits_BxPxV[jnp.arange(B), length_B - 1], keys_B, 0, sampling)
   out_BxN = jnp.full((B, max_new_tokens), tokenizer.PAD_ID, jnp.int32)
   carry = (0, token_B, length_B, jnp.zeros(B, bool), out_BxN, cache)
-  carry = jax.lax.while_loop(functools.partial(_running, max_new_tokens),
-                             functools.partial(_decode_step, model, keys_B, sampling, eos_id,
-                                               on_token), carry)
+  carry = jax.lax.while_loop(
+    functools.partial(_running, max_new_tokens),
+    functools.partial(_decode_step, model, keys_B, sampling, eos_id, on_token),
+    carry,
+  )
   return carry[4]
 
 
 def to_text(sp: spm.SentencePieceProcessor, ids: list[int]) -> str:
   """The text of generated ids, up to their first EOS."""
-  return sp.decode(ids[:ids.index(sp.eos_id())] if sp.eos_id() in ids else ids)
+  return sp.decode(ids[: ids.index(sp.eos_id())] if sp.eos_id() in ids else ids)
 
 
 class Printer:
@@ -211,17 +232,25 @@ class Printer:
     text = to_text(self.sp, self.ids)
     # Hold back a character whose UTF-8 bytes have not all arrived.
     if not text.endswith('\ufffd') and text.startswith(self.text):
-      print(text[len(self.text):], end='', file=self.file, flush=True)
+      print(text[len(self.text) :], end='', file=self.file, flush=True)
       self.text = text
 
   def end(self, text: str) -> None:
     """Prints what was held back of the row's final text, and a newline."""
-    print(text[len(self.text):] if text.startswith(self.text) else '', file=self.file, flush=True)
+    print(text[len(self.text) :] if text.startswith(self.text) else '', file=self.file, flush=True)
 
 
-def sample(model: Model, prompts: list[str], *, max_new_tokens: int, sampling: Sampling,
-           num_samples: int = 1, seed: int = 0, printer: Printer | None = None,
-           progress: Progress | None = None) -> list[str]:
+def sample(
+  model: Model,
+  prompts: list[str],
+  *,
+  max_new_tokens: int,
+  sampling: Sampling,
+  num_samples: int = 1,
+  seed: int = 0,
+  printer: Printer | None = None,
+  progress: Progress | None = None,
+) -> list[str]:
   """Continuations of each prompt, num_samples each (prompt-major), all rows in one batch.
 
   With a printer, rows run one at a time so that each streams whole; the samples are the same.
@@ -231,8 +260,15 @@ def sample(model: Model, prompts: list[str], *, max_new_tokens: int, sampling: S
   rows = [p for p in prompts for _ in range(num_samples)]
   prompt_BxP, length_B = encode_prompts(model.sp, rows, model.cfg.L, max_new_tokens)
   keys_B = row_keys(seed, len(rows))
-  run = functools.partial(generate, model.graphdef, model.params, max_new_tokens=max_new_tokens,
-                          sampling=sampling, eos_id=model.sp.eos_id(), on_token=printer)
+  run = functools.partial(
+    generate,
+    model.graphdef,
+    model.params,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    eos_id=model.sp.eos_id(),
+    on_token=printer,
+  )
   task = progress.add('sample', len(rows), every=1) if progress else None
   if printer is None:
     out_BxN = np.asarray(run(prompt_BxP, length_B, keys_B))
@@ -242,7 +278,7 @@ def sample(model: Model, prompts: list[str], *, max_new_tokens: int, sampling: S
   texts, tokens, first = [], [], 0.0
   for b, prompt in enumerate(rows):
     printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', prompt)
-    ids = np.asarray(run(prompt_BxP[b:b + 1], length_B[b:b + 1], keys_B[b:b + 1]))[0]
+    ids = np.asarray(run(prompt_BxP[b : b + 1], length_B[b : b + 1], keys_B[b : b + 1]))[0]
     texts.append(to_text(model.sp, ids.tolist()))
     printer.end(texts[-1])
     tokens.append(np.sum(ids != tokenizer.PAD_ID))

@@ -23,8 +23,12 @@ def launched_as_one_of_several() -> bool:
   and Cloud TPU VMs of a multi-host slice.
   """
   env = os.environ
-  return ('JAX_COORDINATOR_ADDRESS' in env or 'OMPI_MCA_orte_hnp_uri' in env
-          or int(env.get('SLURM_NTASKS', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+  return (
+    'JAX_COORDINATOR_ADDRESS' in env
+    or 'OMPI_MCA_orte_hnp_uri' in env
+    or int(env.get('SLURM_NTASKS', '1')) > 1
+    or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+  )
 
 
 def _wait_for(address: str, timeout: float) -> None:
@@ -38,8 +42,9 @@ def _wait_for(address: str, timeout: float) -> None:
     except OSError as e:
       if time.monotonic() > deadline:
         raise ConnectionError(
-            f'distributed.coordinator_address={address!r} could not be reached within '
-            f'{timeout:g} s ({e}); start process 0 there, or fix the address.') from None
+          f'distributed.coordinator_address={address!r} could not be reached within '
+          f'{timeout:g} s ({e}); start process 0 there, or fix the address.'
+        ) from None
       time.sleep(0.5)
 
 
@@ -58,10 +63,14 @@ def initialize_distributed(d: ml_collections.ConfigDict) -> None:
   if address and process_id:
     _wait_for(address, d.initialization_timeout)
   if process_id == 0:
-    print(f'Process 0 of {num_processes}: waiting up to {d.initialization_timeout} s for the '
-          f'others at {address}.', flush=True)
-  jax.distributed.initialize(address, num_processes, process_id,
-                             initialization_timeout=d.initialization_timeout)
+    print(
+      f'Process 0 of {num_processes}: waiting up to {d.initialization_timeout} s for the '
+      f'others at {address}.',
+      flush=True,
+    )
+  jax.distributed.initialize(
+    address, num_processes, process_id, initialization_timeout=d.initialization_timeout
+  )
 
 
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
@@ -71,9 +80,11 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   elif fsdp == -1 and data > 0 and num_devices % data == 0:
     fsdp = num_devices // data
   if data < 1 or fsdp < 1 or data * fsdp != num_devices:
-    raise ValueError(f'mesh.data={data}, mesh.fsdp={fsdp} is not valid: their product must be '
-                     f'the device count, {num_devices} (-1 on one axis: the devices the other '
-                     'leaves).')
+    raise ValueError(
+      f'mesh.data={data}, mesh.fsdp={fsdp} is not valid: their product must be '
+      f'the device count, {num_devices} (-1 on one axis: the devices the other '
+      'leaves).'
+    )
   return data, fsdp
 
 
@@ -121,8 +132,9 @@ def state_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   line.
   """
   is_spec = lambda x: isinstance(x, P)
-  specs = dict(jax.tree_util.tree_flatten_with_path(
-      nnx.get_partition_spec(abstract_state), is_leaf=is_spec)[0])
+  specs = dict(
+    jax.tree_util.tree_flatten_with_path(nnx.get_partition_spec(abstract_state), is_leaf=is_spec)[0]
+  )
   replicated = set()
 
   def sharding(path: tuple, x: jax.ShapeDtypeStruct) -> NamedSharding:
@@ -135,6 +147,8 @@ def state_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
 
   shardings = jax.tree_util.tree_map_with_path(sharding, abstract_state)
   if replicated:
-    metrics.log(f'Replicated, as a dimension does not divide its mesh axis {dict(mesh.shape)}: '
-                f'{", ".join(sorted(replicated))}.')
+    metrics.log(
+      f'Replicated, as a dimension does not divide its mesh axis {dict(mesh.shape)}: '
+      f'{", ".join(sorted(replicated))}.'
+    )
   return shardings

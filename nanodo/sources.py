@@ -62,16 +62,20 @@ def split_spec(c: ml_collections.ConfigDict, which: str) -> str:
 def files(c: ml_collections.ConfigDict, which: str) -> list[str]:
   """The files a local-file source reads for a split; raises if the glob matches none."""
   pattern = split_spec(c, which)
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
+  paths = sorted(
+    p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+  )
   if not paths:
-    raise ValueError(f'{which}_split={pattern!r} matches no file; ds_name={c.ds_name!r} reads '
-                     'local files: give a glob, e.g. /data/train-*')
+    raise ValueError(
+      f'{which}_split={pattern!r} matches no file; ds_name={c.ds_name!r} reads '
+      'local files: give a glob, e.g. /data/train-*'
+    )
   return paths
 
 
-def _decode(data: bytes, where: str, c: ml_collections.ConfigDict,
-            skipped: list[str]) -> str | None:
+def _decode(
+  data: bytes, where: str, c: ml_collections.ConfigDict, skipped: list[str]
+) -> str | None:
   """data as UTF-8; a decoding error raises or, with bad_utf8='skip', is counted."""
   try:
     return data.decode('utf-8')
@@ -79,14 +83,17 @@ def _decode(data: bytes, where: str, c: ml_collections.ConfigDict,
     if c.bad_utf8 == 'skip':
       skipped.append(where)
       return None
-    raise ValueError(f'{where} is not UTF-8 ({e}); fix it, or set bad_utf8=skip to skip it.'
-                     ) from None
+    raise ValueError(
+      f'{where} is not UTF-8 ({e}); fix it, or set bad_utf8=skip to skip it.'
+    ) from None
 
 
 def _report_skipped(skipped: list[str], what: str) -> None:
   if skipped:
-    print(f'Skipped {len(skipped)} {what} that are not UTF-8 (bad_utf8=skip), e.g. {skipped[0]}.',
-          flush=True)
+    print(
+      f'Skipped {len(skipped)} {what} that are not UTF-8 (bad_utf8=skip), e.g. {skipped[0]}.',
+      flush=True,
+    )
 
 
 def _text_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
@@ -144,8 +151,9 @@ def _parquet_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[st
       yield from (d for d in batch.column(0).to_pylist() if d)
 
 
-def _record_docs(records: Iterable[object], where: str,
-                 c: ml_collections.ConfigDict) -> Iterator[str]:
+def _record_docs(
+  records: Iterable[object], where: str, c: ml_collections.ConfigDict
+) -> Iterator[str]:
   """Documents from records that are bytes, str, or dicts with text_field."""
   skipped = []
   for i, record in enumerate(records):
@@ -179,8 +187,12 @@ def _file_split(c: ml_collections.ConfigDict, which: str) -> Split:
     digest.update(path.encode())
     with open(path, 'rb') as f:
       digest.update(hashlib.file_digest(f, 'sha256').digest())
-  read = {'text': _text_docs, 'jsonl': _jsonl_docs, 'parquet': _parquet_docs,
-          'arrayrecord': _arrayrecord_docs}[c.ds_name]
+  read = {
+    'text': _text_docs,
+    'jsonl': _jsonl_docs,
+    'parquet': _parquet_docs,
+    'arrayrecord': _arrayrecord_docs,
+  }[c.ds_name]
   name = f'{c.ds_name}-{which}-{_sha(split_spec(c, which))[:8]}'
   return Split(name, digest.hexdigest(), lambda: read(paths, c))
 
@@ -224,16 +236,18 @@ def get_split(c: ml_collections.ConfigDict, which: str) -> Split:
 
 def check(c: ml_collections.ConfigDict) -> None:
   """Cheap checks of the source before any work: its name, globs, extras and text field."""
-  valid = (f'one of {list(BUILTIN + FILE_FORMATS)}, or tfds:NAME[:VERSION] or hf:PATH '
-           '(optional extras)')
+  valid = (
+    f'one of {list(BUILTIN + FILE_FORMATS)}, or tfds:NAME[:VERSION] or hf:PATH (optional extras)'
+  )
   prefix = next((p for p in EXTRAS if c.ds_name.startswith(p)), None)
   if c.ds_name not in BUILTIN + FILE_FORMATS and not (prefix and len(c.ds_name) > len(prefix)):
     raise ValueError(f'ds_name={c.ds_name!r} is not valid: {valid}.')
   if prefix:
     module, extra = EXTRAS[prefix]
     if importlib.util.find_spec(module) is None:
-      raise ValueError(f"ds_name={c.ds_name!r} needs the {extra} extra: "
-                       f"pip install -e '.[{extra}]'.")
+      raise ValueError(
+        f"ds_name={c.ds_name!r} needs the {extra} extra: pip install -e '.[{extra}]'."
+      )
   if c.ds_name in FILE_FORMATS:
     for which in SPLITS:
       for path in files(c, which):

@@ -18,16 +18,22 @@ class StopSignal:
 
   def __enter__(self) -> 'StopSignal':
     if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)
-                        if signal.getsignal(s) is not signal.SIG_IGN}
+      self._previous = {
+        s: signal.signal(s, self._handle)
+        for s in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(s) is not signal.SIG_IGN
+      }
     return self
 
   def _handle(self, signum: int, frame: object) -> None:
     self.name = signal.Signals(signum).name
     signal.signal(signum, self._previous[signum])
     # os.write: print could re-enter a print the main thread was in.
-    os.write(2, f'{self.name}: stopping after this step with a checkpoint (send it again to stop '
-                'at once).\n'.encode())
+    os.write(
+      2,
+      f'{self.name}: stopping after this step with a checkpoint (send it again to stop '
+      'at once).\n'.encode(),
+    )
 
   def __exit__(self, *exc: object) -> None:
     for s, handler in self._previous.items():

@@ -70,20 +70,28 @@ def read(base: str, expected: dict[str, object]) -> Tokens:
     if isinstance(e, CacheError):
       raise
     raise CacheError(f'unreadable ({e})') from None
-  if (ids.shape != (meta['num_tokens'],) or str(ids.dtype) != meta['dtype']
-      or offsets.shape != (meta['num_docs'] + 1,) or offsets[0] != 0
-      or offsets[-1] != meta['num_tokens'] or np.any(np.diff(offsets) < 2)):
+  if (
+    ids.shape != (meta['num_tokens'],)
+    or str(ids.dtype) != meta['dtype']
+    or offsets.shape != (meta['num_docs'] + 1,)
+    or offsets[0] != 0
+    or offsets[-1] != meta['num_tokens']
+    or np.any(np.diff(offsets) < 2)
+  ):
     raise CacheError('its arrays do not match its metadata (corrupt)')
   return Tokens(ids, offsets, meta['num_bytes'])
 
 
-def _encode(sp: spm.SentencePieceProcessor, docs: list[str],
-            threads: int) -> list[tuple[np.ndarray, int]]:
+def _encode(
+  sp: spm.SentencePieceProcessor, docs: list[str], threads: int
+) -> list[tuple[np.ndarray, int]]:
   """Each document's ids with BOS and EOS, and the UTF-8 size of their decoded text."""
   ids = sp.encode(docs, num_threads=threads)
   texts = sp.decode(ids, num_threads=threads)
-  return [(np.asarray([sp.bos_id(), *x, sp.eos_id()], np.int32), len(t.encode('utf-8')))
-          for x, t in zip(ids, texts, strict=True)]
+  return [
+    (np.asarray([sp.bos_id(), *x, sp.eos_id()], np.int32), len(t.encode('utf-8')))
+    for x, t in zip(ids, texts, strict=True)
+  ]
 
 
 _worker_sp = None
@@ -111,8 +119,9 @@ def _tasks(docs: Iterable[str]) -> Iterator[list[str]]:
     yield task
 
 
-def encoded(docs: Iterable[str], sp: spm.SentencePieceProcessor,
-            workers: int) -> Iterator[list[tuple[np.ndarray, int]]]:
+def encoded(
+  docs: Iterable[str], sp: spm.SentencePieceProcessor, workers: int
+) -> Iterator[list[tuple[np.ndarray, int]]]:
   """Encoded groups of documents, in order: in this process with SentencePiece's threads (one
   per core), or with workers > 1, by that many processes (each first imports the program).
   """
@@ -120,9 +129,12 @@ def encoded(docs: Iterable[str], sp: spm.SentencePieceProcessor,
     yield from (_encode(sp, task, threads=os.cpu_count() or 1) for task in _tasks(docs))
     return
   # spawn, not fork: the parent may run JAX threads.
-  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'),
-                                   initializer=_init_worker,
-                                   initargs=(sp.serialized_model_proto(),)) as pool:
+  with futures.ProcessPoolExecutor(
+    workers,
+    mp_context=multiprocessing.get_context('spawn'),
+    initializer=_init_worker,
+    initargs=(sp.serialized_model_proto(),),
+  ) as pool:
     pending = collections.deque()
     for task in _tasks(docs):
       pending.append(pool.submit(_encode_in_worker, task))
@@ -132,8 +144,9 @@ def encoded(docs: Iterable[str], sp: spm.SentencePieceProcessor,
       yield pending.popleft().result()
 
 
-def build(split: Split, sp: spm.SentencePieceProcessor, base: str, meta: dict[str, object],
-          workers: int) -> None:
+def build(
+  split: Split, sp: spm.SentencePieceProcessor, base: str, meta: dict[str, object], workers: int
+) -> None:
   """Tokenizes every document of split into the cache at base; nothing is left half-written."""
   os.makedirs(os.path.dirname(base) or '.', exist_ok=True)
   dtype = np.dtype(np.uint16 if sp.vocab_size() <= 1 << 16 else np.int32)
@@ -151,14 +164,26 @@ def build(split: Split, sp: spm.SentencePieceProcessor, base: str, meta: dict[st
           num_bytes += size
         if time.time() - last > _PROGRESS_SECONDS:
           last = time.time()
-          print(f'  {len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens, '
-                f'{num_bytes / 1e6 / (last - start):.1f} MB/s', flush=True)
+          print(
+            f'  {len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens, '
+            f'{num_bytes / 1e6 / (last - start):.1f} MB/s',
+            flush=True,
+          )
     if len(offsets) == 1:
       raise ValueError(f'{split.name} has no documents.')
     np.asarray(offsets, '<i8').tofile(offsets_file)
     with open(meta_file, 'w', encoding='utf-8') as f:
-      json.dump({**meta, 'dtype': dtype.name, 'num_docs': len(offsets) - 1,
-                 'num_tokens': offsets[-1], 'num_bytes': num_bytes}, f, indent=1)
+      json.dump(
+        {
+          **meta,
+          'dtype': dtype.name,
+          'num_docs': len(offsets) - 1,
+          'num_tokens': offsets[-1],
+          'num_bytes': num_bytes,
+        },
+        f,
+        indent=1,
+      )
     # Metadata goes last: until it is there, readers see no cache and build their own.
     with contextlib.suppress(FileNotFoundError):
       os.remove(base + '.json')
@@ -169,5 +194,8 @@ def build(split: Split, sp: spm.SentencePieceProcessor, base: str, meta: dict[st
     for path in (tokens, offsets_file, meta_file):
       if os.path.exists(path):
         os.remove(path)
-  print(f'Token cache {base}: {len(offsets) - 1} documents, {offsets[-1]} tokens in '
-        f'{time.time() - start:.1f}s.', flush=True)
+  print(
+    f'Token cache {base}: {len(offsets) - 1} documents, {offsets[-1]} tokens in '
+    f'{time.time() - start:.1f}s.',
+    flush=True,
+  )

@@ -21,7 +21,8 @@ def load(path: str) -> spm.SentencePieceProcessor:
     raise ValueError(f'vocab_path={path!r} has no BOS or EOS piece; both are needed.')
   if sp.pad_id() not in (PAD_ID, -1) or PAD_ID in (sp.bos_id(), sp.eos_id()):
     raise ValueError(
-        f'vocab_path={path!r} must keep id {PAD_ID} for padding (pad_id={sp.pad_id()}).')
+      f'vocab_path={path!r} must keep id {PAD_ID} for padding (pad_id={sp.pad_id()}).'
+    )
   return sp
 
 
@@ -43,25 +44,29 @@ def train(texts: Iterable[str], vocab_size: int, path: str) -> spm.SentencePiece
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_sentences(texts)),
-        model_writer=model,
-        model_type='bpe',
-        vocab_size=vocab_size,
-        normalization_rule_name='identity',
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        split_digits=True,
-        byte_fallback=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        max_sentence_length=_MAX_SENTENCE_BYTES,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
+      sentence_iterator=iter(_sentences(texts)),
+      model_writer=model,
+      model_type='bpe',
+      vocab_size=vocab_size,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      split_digits=True,
+      byte_fallback=True,
+      allow_whitespace_only_pieces=True,
+      character_coverage=1.0,
+      max_sentence_length=_MAX_SENTENCE_BYTES,
+      pad_id=PAD_ID,
+      unk_id=UNK_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
     )
   except RuntimeError as e:  # e.g. a vocabulary larger than the corpus allows
-    raise ValueError(f'vocab_size={vocab_size} is not valid for this corpus: '
-                     f'{str(e).split("] ")[-1]}') from None
+    raise ValueError(
+      f'vocab_size={vocab_size} is not valid for this corpus: {str(e).split("] ")[-1]}'
+    ) from None
   tmp = path + '.tmp'
   with open(tmp, 'wb') as f:
     f.write(model.getvalue())

@@ -49,8 +49,9 @@ def tokenizer_path(c: ml_collections.ConfigDict) -> str | None:
   return None
 
 
-def get_tokenizer(c: ml_collections.ConfigDict,
-                  train_docs: Iterable[str]) -> spm.SentencePieceProcessor:
+def get_tokenizer(
+  c: ml_collections.ConfigDict, train_docs: Iterable[str]
+) -> spm.SentencePieceProcessor:
   """The tokenizer of tokenizer_path; else one trained into the workdir.
 
   Process 0 trains it; the other processes wait for it, then load it.
@@ -63,13 +64,16 @@ def get_tokenizer(c: ml_collections.ConfigDict,
   path = tokenizer_path(c)
   sp = tokenizer.load(path)
   if not c.vocab_path and sp.vocab_size() != c.vocab_size:
-    raise ValueError(f'vocab_size={c.vocab_size} is not valid: {os.path.dirname(path)} holds a '
-                     f'tokenizer of {sp.vocab_size()} pieces; set vocab_size={sp.vocab_size()}.')
+    raise ValueError(
+      f'vocab_size={c.vocab_size} is not valid: {os.path.dirname(path)} holds a '
+      f'tokenizer of {sp.vocab_size()} pieces; set vocab_size={sp.vocab_size()}.'
+    )
   return sp
 
 
-def _tokens(c: ml_collections.ConfigDict, split: sources.Split,
-            sp: spm.SentencePieceProcessor) -> token_cache.Tokens:
+def _tokens(
+  c: ml_collections.ConfigDict, split: sources.Split, sp: spm.SentencePieceProcessor
+) -> token_cache.Tokens:
   """A split's tokens from the token cache; process 0 builds it while the others wait."""
   cache_dir = c.cache_dir or os.path.join(c.workdir, 'token_cache')
   if jax.process_index() == 0:
@@ -84,8 +88,9 @@ def _check_finite(step: int, step_metrics: dict[str, float]) -> None:
   bad = {k: v for k, v in step_metrics.items() if not np.isfinite(v)}
   if bad:
     raise FloatingPointError(
-        f'Training diverged at step {step}: {", ".join(f"{k} is {v}" for k, v in bad.items())}. '
-        'Stopped without saving this state; the checkpoints of earlier steps are kept.')
+      f'Training diverged at step {step}: {", ".join(f"{k} is {v}" for k, v in bad.items())}. '
+      'Stopped without saving this state; the checkpoints of earlier steps are kept.'
+    )
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
@@ -107,8 +112,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
       return _train(c, mngr, stop_signal, mesh)
 
 
-def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
-           stop_signal: stop.StopSignal, mesh: jax.sharding.Mesh) -> dict[str, float]:
+def _train(
+  c: ml_collections.ConfigDict,
+  mngr: ocp.CheckpointManager,
+  stop_signal: stop.StopSignal,
+  mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
   """The body of train_and_evaluate, in a locked workdir."""
   # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
   jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, 'compile_cache'))
@@ -121,10 +130,17 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
   step_fn = update.jit_train_step(
-      graphdef, tx, optimizer.get_schedule(c.opt), shardings, batch_sharding,
-      label_smoothing=c.label_smoothing, z_loss=c.z_loss, layer_stats=c.log_internal_metrics,
-      grad_accumulation_steps=c.grad_accumulation_steps,
-      cross_entropy_block_size=c.cross_entropy_block_size)
+    graphdef,
+    tx,
+    optimizer.get_schedule(c.opt),
+    shardings,
+    batch_sharding,
+    label_smoothing=c.label_smoothing,
+    z_loss=c.z_loss,
+    layer_stats=c.log_internal_metrics,
+    grad_accumulation_steps=c.grad_accumulation_steps,
+    cross_entropy_block_size=c.cross_entropy_block_size,
+  )
 
   # Each process reads only its shard of the rows: its part of every global batch.
   shard = grain.sharding.ShardByJaxProcess()
@@ -145,24 +161,36 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
   # Only process 0 shows progress: the others would repeat it.
   progress = Progress() if is_main else Progress(open(os.devnull, 'w'), bar=False)
   counts = metrics.param_counts(state['params'])
-  progress.log(f'model: {counts["all"] / 1e6:.2f}M parameters ({counts["embedding"] / 1e6:.2f}M '
-               f'embedding, {counts["non_embedding"] / 1e6:.2f}M non-embedding); D{cfg.D} H{cfg.H} '
-               f'N{cfg.N} F{cfg.F} L{cfg.L} V{cfg.V} {cfg.dtype}')
-  progress.log(f'mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
-               f'device(s), {jax.process_count()} process(es)')
-  progress.log(f'data: {c.ds_name}, {len(train_tokens.offsets) - 1} train documents '
-               f'({len(train_tokens.ids) / 1e6:.2f}M tokens, {c.packing}), '
-               f'{len(eval_tokens.offsets) - 1} held-out ({eval_data.num_bytes / 1e6:.2f}M bytes); '
-               f'tokenizer: {tokenizer_path(c)}, {cfg.V} pieces')
+  progress.log(
+    f'model: {counts["all"] / 1e6:.2f}M parameters ({counts["embedding"] / 1e6:.2f}M '
+    f'embedding, {counts["non_embedding"] / 1e6:.2f}M non-embedding); D{cfg.D} H{cfg.H} '
+    f'N{cfg.N} F{cfg.F} L{cfg.L} V{cfg.V} {cfg.dtype}'
+  )
+  progress.log(
+    f'mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
+    f'device(s), {jax.process_count()} process(es)'
+  )
+  progress.log(
+    f'data: {c.ds_name}, {len(train_tokens.offsets) - 1} train documents '
+    f'({len(train_tokens.ids) / 1e6:.2f}M tokens, {c.packing}), '
+    f'{len(eval_tokens.offsets) - 1} held-out ({eval_data.num_bytes / 1e6:.2f}M bytes); '
+    f'tokenizer: {tokenizer_path(c)}, {cfg.V} pieces'
+  )
   progress.log(f'starting at step {step} of {c.opt.num_train_steps}.')
 
   writer = metrics.Writer(c, step)
   peak_flops = c.peak_tflops * 1e12 or metrics.matmul_flops_per_sec() * jax.device_count()
   task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
   log = functools.partial(
-      _log, writer, progress, task, tokens_per_step=c.batch_size * cfg.L,
-      log_every=c.log_every_steps, peak_flops=peak_flops,
-      flops_per_token=metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V))
+    _log,
+    writer,
+    progress,
+    task,
+    tokens_per_step=c.batch_size * cfg.L,
+    log_every=c.log_every_steps,
+    peak_flops=peak_flops,
+    flops_per_token=metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V),
+  )
   # Steps traced by the profiler: profile_steps of them after the first, which compiles.
   trace = range(step + 1, min(step + 1 + c.profile_steps, c.opt.num_train_steps))
   pending, t_last = None, time.time()
@@ -180,37 +208,49 @@ def _train(c: ml_collections.ConfigDict, mngr: ocp.CheckpointManager,
       if trace and step == trace.stop:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        progress.log(f'profile of steps {trace.start + 1}-{trace.stop} written to '
-                     f'{os.path.join(c.workdir, "plugins", "profile")}')
+        progress.log(
+          f'profile of steps {trace.start + 1}-{trace.stop} written to '
+          f'{os.path.join(c.workdir, "plugins", "profile")}'
+        )
       if step % c.checkpoint_every_steps == 0 or step == c.opt.num_train_steps:
         t_last, pending = log(*pending, t_last), None
         checkpoint.save(mngr, step, state, data_iter)
       if step % c.eval_every_steps == 0 or step == c.opt.num_train_steps:
         if pending:
           t_last, pending = log(*pending, t_last), None
-        result = _evaluate(writer, progress, step, graphdef, state['params'], eval_data,
-                           batch_sharding)
+        result = _evaluate(
+          writer, progress, step, graphdef, state['params'], eval_data, batch_sharding
+        )
         t_last = time.time()
     if stop_signal.name and step < c.opt.num_train_steps:
       if pending:
         log(*pending, t_last)
       if mngr.latest_step() != step:
         checkpoint.save(mngr, step, state, data_iter)
-      progress.log(f'Stopped by {stop_signal.name} at step {step}, checkpoint saved. Run the same '
-                   'command to resume.')
+      progress.log(
+        f'Stopped by {stop_signal.name} at step {step}, checkpoint saved. Run the same '
+        'command to resume.'
+      )
       result = {}
     elif not result:  # Already trained to the end: evaluate what is there.
-      result = _evaluate(writer, progress, step, graphdef, state['params'], eval_data,
-                         batch_sharding)
+      result = _evaluate(
+        writer, progress, step, graphdef, state['params'], eval_data, batch_sharding
+      )
   finally:
     progress.close()
     writer.close()
   return result
 
 
-def _evaluate(writer: metrics.Writer, progress: Progress, step: int, graphdef: nnx.GraphDef,
-              params: PyTree, eval_data: data.EvalData,
-              batch_sharding: jax.sharding.Sharding) -> dict[str, float]:
+def _evaluate(
+  writer: metrics.Writer,
+  progress: Progress,
+  step: int,
+  graphdef: nnx.GraphDef,
+  params: PyTree,
+  eval_data: data.EvalData,
+  batch_sharding: jax.sharding.Sharding,
+) -> dict[str, float]:
   """Held-out metrics, written and shown."""
   result = evaluate.evaluate(graphdef, params, eval_data, batch_sharding, progress)
   writer.write(step, {f'eval_{k}': v for k, v in result.items()})
@@ -218,9 +258,19 @@ def _evaluate(writer: metrics.Writer, progress: Progress, step: int, graphdef: n
   return result
 
 
-def _log(writer: metrics.Writer, progress: Progress, task: int, step: int,
-         step_metrics: dict[str, jax.Array], t_last: float, *, tokens_per_step: int,
-         log_every: int, flops_per_token: float, peak_flops: float) -> float:
+def _log(
+  writer: metrics.Writer,
+  progress: Progress,
+  task: int,
+  step: int,
+  step_metrics: dict[str, jax.Array],
+  t_last: float,
+  *,
+  tokens_per_step: int,
+  log_every: int,
+  flops_per_token: float,
+  peak_flops: float,
+) -> float:
   """Writes one step's metrics (fetched from the device), shows some; returns the current time."""
   values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   _check_finite(step, values)

@@ -22,8 +22,10 @@ def lock(workdir: str) -> Iterator[None]:
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or 'another process'
-      raise ValueError(f'workdir={workdir!r} is in use by another nanodo run ({holder}); wait for '
-                       'it to end or give another workdir.') from None
+      raise ValueError(
+        f'workdir={workdir!r} is in use by another nanodo run ({holder}); wait for '
+        'it to end or give another workdir.'
+      ) from None
     f.truncate(0)
     f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     f.flush()
@@ -42,8 +44,10 @@ def read_config(workdir: str) -> dict | None:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f'{path} is unreadable ({e}); it records the config of the run in this '
-                     'workdir: restore it, or give another workdir.') from None
+    raise ValueError(
+      f'{path} is unreadable ({e}); it records the config of the run in this '
+      'workdir: restore it, or give another workdir.'
+    ) from None
 
 
 def write_config(c: ml_collections.ConfigDict) -> None:

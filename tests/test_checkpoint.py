@@ -18,8 +18,9 @@ from nanodo import checkpoint, data, optimizer, sharding, update
 @functools.cache
 def _init() -> tuple:
   c = tiny_config('/unused')
-  return update.init_state(tiny_model_config(), optimizer.get_optimizer(c.opt), 0,
-                          sharding.make_mesh())[1:]
+  return update.init_state(
+    tiny_model_config(), optimizer.get_optimizer(c.opt), 0, sharding.make_mesh()
+  )[1:]
 
 
 def _setup():
@@ -77,13 +78,13 @@ def test_fingerprint_changes_with_any_flipped_bit_or_swapped_values():
     x = np.array(leaves[i]).reshape(-1)
     bits = x.view(np.uint32)
     bits[rng.integers(bits.size)] ^= np.uint32(1) << np.uint32(rng.integers(32))
-    changed = [*leaves[:i], x.reshape(leaves[i].shape), *leaves[i + 1:]]
+    changed = [*leaves[:i], x.reshape(leaves[i].shape), *leaves[i + 1 :]]
     assert _fingerprint(jax.tree.unflatten(treedef, changed)) != before
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
   i = next(i for i, p in enumerate(paths) if 'embed_VxD' in p and 'params' in p)
   embed = np.array(leaves[i])
   embed[[0, 1]] = embed[[1, 0]]
-  swapped = _fingerprint(jax.tree.unflatten(treedef, [*leaves[:i], embed, *leaves[i + 1:]]))
+  swapped = _fingerprint(jax.tree.unflatten(treedef, [*leaves[:i], embed, *leaves[i + 1 :]]))
   assert swapped['params'] != before['params']
   assert swapped['opt_state'] == before['opt_state']
 
@@ -97,8 +98,9 @@ def test_an_intact_checkpoint_restores_bit_for_bit_with_its_data_position(saved,
 
 
 def _largest_array_file(step_dir: str) -> str:
-  return max(glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True),
-             key=os.path.getsize)
+  return max(
+    glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True), key=os.path.getsize
+  )
 
 
 def _truncate(step_dir: str) -> None:
@@ -135,14 +137,17 @@ def _move_data_position(step_dir: str) -> None:
 
 
 def _files(directory: str) -> list[str]:
-  return sorted(os.path.relpath(p, directory)
-                for p in glob.glob(os.path.join(directory, '**'), recursive=True))
+  return sorted(
+    os.path.relpath(p, directory) for p in glob.glob(os.path.join(directory, '**'), recursive=True)
+  )
 
 
-@pytest.mark.parametrize('damage', [_truncate, _flip_a_byte, _empty_metadata, _remove_fingerprint,
-                                    _move_data_position])
+@pytest.mark.parametrize(
+  'damage', [_truncate, _flip_a_byte, _empty_metadata, _remove_fingerprint, _move_data_position]
+)
 def test_a_damaged_latest_checkpoint_is_reported_kept_and_the_one_before_used(
-    saved, tmp_path, capsys, damage):
+  saved, tmp_path, capsys, damage
+):
   directory = str(tmp_path / 'checkpoints')
   shutil.copytree(saved[0], directory)
   damage(os.path.join(directory, '6'))

@@ -22,8 +22,14 @@ def _inputs(dtype=jnp.float32):
 def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z):
   """cross_entropy.losses of every logit at once, differentiated by autodiff."""
   logits_TxV = jnp.einsum('BLD,VD->BLV', h_BxLxD.astype(jnp.float32), out_VxD).reshape(-1, V)
-  return cross_entropy.losses(logits_TxV, jax.nn.logsumexp(logits_TxV, axis=-1),
-                              y_BxL.reshape(-1), weights_BxL.reshape(-1), s, z)
+  return cross_entropy.losses(
+    logits_TxV,
+    jax.nn.logsumexp(logits_TxV, axis=-1),
+    y_BxL.reshape(-1),
+    weights_BxL.reshape(-1),
+    s,
+    z,
+  )
 
 
 @pytest.mark.parametrize('block_size', [1, 16, 20, 48, 1000])
@@ -34,9 +40,13 @@ def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z)
   whole = lambda h, out: _all_logits(h, out, y, weights, s, z)
   (objective, parts), grads = jax.value_and_grad(blockwise, (0, 1), has_aux=True)(h, out)
   (expected, expected_parts), expected_grads = jax.value_and_grad(whole, (0, 1), has_aux=True)(
-      h, out)
-  assert set(parts) == set(expected_parts) == {'loss'} | ({'smoothed_loss'} if s else set()) | (
-      {'z_loss'} if z else set())
+    h, out
+  )
+  assert (
+    set(parts)
+    == set(expected_parts)
+    == {'loss'} | ({'smoothed_loss'} if s else set()) | ({'z_loss'} if z else set())
+  )
   np.testing.assert_allclose(objective, expected, rtol=1e-6)
   for k in parts:
     np.testing.assert_allclose(parts[k], expected_parts[k], rtol=1e-6)
@@ -54,8 +64,9 @@ def test_padding_targets_get_no_gradient():
 
 def test_the_logits_of_all_tokens_never_exist_at_once():
   h, out, y, weights = _inputs()
-  grad = jax.jit(jax.grad(lambda h, out: cross_entropy.blockwise(h, out, y, weights, 0, 0, 16)[0],
-                          (0, 1)))
+  grad = jax.jit(
+    jax.grad(lambda h, out: cross_entropy.blockwise(h, out, y, weights, 0, 0, 16)[0], (0, 1))
+  )
   hlo = grad.lower(h, out).compile().as_text()
   assert f'f32[16,{V}]' in hlo  # one block of 4 rows x 4 positions
   for shape in (f'[{B * L},{V}]', f'[{B},{L},{V}]', f'[{V},{B * L}]'):
@@ -64,6 +75,7 @@ def test_the_logits_of_all_tokens_never_exist_at_once():
 
 def test_the_gradient_keeps_the_dtype_of_the_hidden_states():
   h, out, y, weights = _inputs(jnp.bfloat16)
-  d_h, d_out = jax.grad(lambda h, out: cross_entropy.blockwise(h, out, y, weights, 0, 0, 16)[0],
-                        (0, 1))(h, out)
+  d_h, d_out = jax.grad(
+    lambda h, out: cross_entropy.blockwise(h, out, y, weights, 0, 0, 16)[0], (0, 1)
+  )(h, out)
   assert d_h.dtype == jnp.bfloat16 and d_out.dtype == jnp.float32

@@ -53,7 +53,7 @@ def test_packed_rows_hold_whole_pieces_with_their_own_segments_and_positions(L):
       np.testing.assert_array_equal(pos[seg == s], np.arange(len(piece)))  # restart per piece
       doc = next(d for d in docs if piece[0] in d)
       start = int(np.flatnonzero(doc == piece[0])[0])
-      np.testing.assert_array_equal(piece, doc[start:start + len(piece)])  # one document's run
+      np.testing.assert_array_equal(piece, doc[start : start + len(piece)])  # one document's run
       seen.extend(piece[1:])
   targets = np.concatenate([d[1:] for d in docs])
   np.testing.assert_array_equal(np.sort(seen), np.sort(targets))  # every target exactly once
@@ -75,13 +75,16 @@ def test_concat_rows_cut_the_stream_with_one_token_overlap():
   stream = np.concatenate(docs)
   num_rows = (len(stream) - 1) // 7
   it = iter(ds)
-  rows = [{k: v[i] for k, v in b.items()} for b in (next(it) for _ in range(num_rows // 2))
-          for i in range(2)]
+  rows = [
+    {k: v[i] for k, v in b.items()}
+    for b in (next(it) for _ in range(num_rows // 2))
+    for i in range(2)
+  ]
   starts = sorted(int(np.flatnonzero(stream == r['x'][0])[0]) for r in rows)
   assert starts == list(range(0, num_rows * 7, 7))
   for r in rows:  # one segment: attention crosses the document boundary, as in the original
     s = int(np.flatnonzero(stream == r['x'][0])[0])
-    np.testing.assert_array_equal(r['x'], stream[s:s + 8])
+    np.testing.assert_array_equal(r['x'], stream[s : s + 8])
     np.testing.assert_array_equal(r['segment_ids'], np.ones(8))
     np.testing.assert_array_equal(r['positions'], np.arange(8))
 
@@ -90,7 +93,7 @@ def test_epochs_are_shuffled_differently():
   tokens = tokens_of(_docs([199]))
   num_rows = len(data.packed_rows(tokens.offsets, 8))
   rows = _epoch(data.train_dataset(tokens, L=8, batch_size=1, seed=0), 2 * num_rows)
-  first, second = ([int(r['x'][0]) for r in rows[i:i + num_rows]] for i in (0, num_rows))
+  first, second = ([int(r['x'][0]) for r in rows[i : i + num_rows]] for i in (0, num_rows))
   assert sorted(first) == sorted(second) and first != second
 
 
@@ -111,16 +114,22 @@ def test_two_process_shards_are_disjoint_and_cover_every_row(packing):
     shards.append({tuple(r['x']) for r in _epoch(ds, size)})
     assert len(shards[-1]) == size  # one epoch of a shard: each of its rows once
   assert not shards[0] & shards[1]
-  every = {tuple(data.read_row(tokens.ids, data.train_rows(tokens, 8, packing), 8, r)['x'])
-           for r in range(num_rows)}
+  every = {
+    tuple(data.read_row(tokens.ids, data.train_rows(tokens, 8, packing), 8, r)['x'])
+    for r in range(num_rows)
+  }
   assert shards[0] | shards[1] == every
 
 
 def test_two_processes_together_read_the_batches_of_one():
   tokens = tokens_of(_docs([3 + (5 * i) % 17 for i in range(30)]))
   one = iter(data.train_dataset(tokens, L=8, batch_size=4, seed=1))
-  halves = [iter(data.train_dataset(tokens, L=8, batch_size=4, seed=1,
-                                    shard=grain.sharding.ShardOptions(i, 2))) for i in range(2)]
+  halves = [
+    iter(
+      data.train_dataset(tokens, L=8, batch_size=4, seed=1, shard=grain.sharding.ShardOptions(i, 2))
+    )
+    for i in range(2)
+  ]
   for _ in range(12):  # past the end of the first epoch
     parts = [next(h) for h in halves]
     for k, v in next(one).items():
@@ -166,9 +175,12 @@ def test_eval_shards_split_every_global_batch(tmp_path):
   sp = tokenizer.load(VOCAB)
   tokens = _tokens(sp, ['To be, or not to be: that is the question.' * 5, 'Words.'], tmp_path)
   whole = data.eval_data(tokens, L=8, batch_size=4)
-  halves = [data.eval_data(tokens, L=8, batch_size=4,
-                           shard=grain.sharding.ShardOptions(shard_index=i, shard_count=2))
-            for i in range(2)]
+  halves = [
+    data.eval_data(
+      tokens, L=8, batch_size=4, shard=grain.sharding.ShardOptions(shard_index=i, shard_count=2)
+    )
+    for i in range(2)
+  ]
   for b, first, second in zip(whole.batches, *(h.batches for h in halves), strict=True):
     for k in b:
       np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), b[k])
@@ -187,7 +199,7 @@ def test_bits_per_byte_matches_a_hand_computation(tmp_path):
   for ids in ([sp.bos_id(), *x, sp.eos_id()] for x in sp.encode(docs)):
     ids = np.asarray(ids)
     for start in range(0, len(ids) - 1, cfg.L - 1):
-      window = ids[start:start + cfg.L]
+      window = ids[start : start + cfg.L]
       logp = jax.nn.log_softmax(model(window[None])[0], axis=-1)
       nll -= float(sum(logp[i, window[i + 1]] for i in range(len(window) - 1)))
       count += len(window) - 1

@@ -12,8 +12,9 @@ CODE = 'from nanodo import host; print(host.reuse_freed_memory())'
 
 def _run(env: dict[str, str]) -> str:
   env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')} | env
-  return subprocess.run([sys.executable, '-c', CODE], env=env, capture_output=True, text=True,
-                        check=True).stdout.strip()
+  return subprocess.run(
+    [sys.executable, '-c', CODE], env=env, capture_output=True, text=True, check=True
+  ).stdout.strip()
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc-specific')

@@ -15,8 +15,15 @@ from flax import nnx
 from nanodo import data, metrics, optimizer, sample, train, update, validate
 from nanodo.model import TransformerDecoder
 
-TRAIN_KEYS = {'loss', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm', 'tokens_per_sec',
-              'mfu'}
+TRAIN_KEYS = {
+  'loss',
+  'learning_rate',
+  'grad_norm',
+  'update_norm',
+  'param_norm',
+  'tokens_per_sec',
+  'mfu',
+}
 EVAL_KEYS = {'eval_loss', 'eval_loss_stderr', 'eval_perplexity', 'eval_bits_per_byte'}
 
 
@@ -48,7 +55,8 @@ def test_tensorboard_events_read_back_equal_the_jsonl(tiny_run):
     read = {e.step: e.value for e in events.Scalars(key)}
     assert read == pytest.approx(logged, rel=1e-6)
   assert {'hparams/config/text_summary', 'hparams/versions/text_summary'} <= set(
-      events.Tags()['tensors'])
+    events.Tags()['tensors']
+  )
 
 
 def test_hyper_parameters_are_recorded_once_per_start(tiny_run):
@@ -108,8 +116,9 @@ def test_count_of_embedding_and_other_parameters():
 
 
 def test_negative_profile_steps_are_refused(tmp_path):
-  with pytest.raises(validate.ConfigError,
-                     match='profile_steps=-1 is not valid: must be a non-negative integer'):
+  with pytest.raises(
+    validate.ConfigError, match='profile_steps=-1 is not valid: must be a non-negative integer'
+  ):
     validate.check(tiny_config(str(tmp_path), profile_steps=-1))
 
 
@@ -158,7 +167,15 @@ def test_rows_after_the_restored_step_and_a_torn_line_are_dropped(tmp_path):
     f.write('{"step": 8, "lo')
   metrics.drop_rows_after(str(tmp_path), 6)
   assert _steps(tmp_path / 'metrics.jsonl') == [
-      (1, True), (2, True), (3, True), (3, False), (4, True), (5, True), (6, True), (6, False)]
+    (1, True),
+    (2, True),
+    (3, True),
+    (3, False),
+    (4, True),
+    (5, True),
+    (6, True),
+    (6, False),
+  ]
   writer = metrics.Writer(tiny_config(str(tmp_path)), 0)
   writer.write(7, {'loss': 0.5}, flush=False)
   writer.close()

@@ -68,8 +68,9 @@ def test_no_biases_and_float32_params_under_bfloat16():
   np.testing.assert_allclose(logits_BxLxV, reference, atol=0.1)
 
 
-@pytest.mark.parametrize('options', [{}, {'positions': 'rope', 'attention': 'dot_product_attention',
-                                          'KV': 1}])
+@pytest.mark.parametrize(
+  'options', [{}, {'positions': 'rope', 'attention': 'dot_product_attention', 'KV': 1}]
+)
 def test_packed_documents_do_not_see_each_other_and_restart_positions(options):
   cfg = tiny_model_config(**options)
   model = TransformerDecoder(cfg, nnx.Rngs(0))
@@ -82,7 +83,7 @@ def test_packed_documents_do_not_see_each_other_and_restart_positions(options):
   after = model(changed_1xL, segment_ids_1xL, positions_1xL)
   # Changing document A changes its own logits, and not one logit of document B.
   assert not np.allclose(before[:, :a], after[:, :a])
-  np.testing.assert_array_equal(before[:, a:a + b], after[:, a:a + b])
+  np.testing.assert_array_equal(before[:, a : a + b], after[:, a : a + b])
   # Document B scores as if it stood alone at the start of a row.
-  alone = model(x_1xL[:, a:a + b])
-  np.testing.assert_allclose(before[:, a:a + b], alone, rtol=1e-5, atol=1e-5)
+  alone = model(x_1xL[:, a : a + b])
+  np.testing.assert_allclose(before[:, a : a + b], alone, rtol=1e-5, atol=1e-5)

@@ -15,14 +15,22 @@ from nanodo import data, metrics, model, optimizer, sample, train, update
 from nanodo.model import TransformerDecoder
 
 OPTIONS = [
-    {'model.positions': 'rope'}, {'model.positions': 'none'}, {'model.norm': 'rmsnorm'},
-    {'model.mlp': 'swiglu'}, {'model.qk_norm': True}, {'model.KV': 1}, {'model.tied': False},
-    {'model.attention': 'dot_product_attention'},
-    {'model.remat': True, 'model.remat_policy': 'dots_saveable'},
-    {'label_smoothing': 0.1}, {'z_loss': 1e-3},
-    {'opt.optimizer': 'lion', 'opt.peak_learning_rate': 1e-3}, {'opt.optimizer': 'adafactor'},
-    {'opt.optimizer': 'muon', 'opt.peak_learning_rate': 2e-2}, {'opt.decay_type': 'wsd'},
-    {'opt.lr_multipliers': 'embed=0.5,blocks/0/=2'},
+  {'model.positions': 'rope'},
+  {'model.positions': 'none'},
+  {'model.norm': 'rmsnorm'},
+  {'model.mlp': 'swiglu'},
+  {'model.qk_norm': True},
+  {'model.KV': 1},
+  {'model.tied': False},
+  {'model.attention': 'dot_product_attention'},
+  {'model.remat': True, 'model.remat_policy': 'dots_saveable'},
+  {'label_smoothing': 0.1},
+  {'z_loss': 1e-3},
+  {'opt.optimizer': 'lion', 'opt.peak_learning_rate': 1e-3},
+  {'opt.optimizer': 'adafactor'},
+  {'opt.optimizer': 'muon', 'opt.peak_learning_rate': 2e-2},
+  {'opt.decay_type': 'wsd'},
+  {'opt.lr_multipliers': 'embed=0.5,blocks/0/=2'},
 ]
 
 
@@ -65,13 +73,22 @@ def _causal(cfg: model.ModelConfig) -> bool:
   return bool(np.allclose(a[:, :t], b[:, :t], atol=1e-5)) and not np.allclose(a[:, t:], b[:, t:])
 
 
-@pytest.mark.parametrize('positions,norm,mlp', list(itertools.product(
-    model.POSITIONS, model.NORMS, model.MLPS)))
+@pytest.mark.parametrize(
+  'positions,norm,mlp', list(itertools.product(model.POSITIONS, model.NORMS, model.MLPS))
+)
 def test_causality_holds_for_every_option_combination(positions, norm, mlp):
   for qk_norm, KV, tied, attention in itertools.product(
-      (False, True), (0, 1), (True, False), model.ATTENTIONS):
-    cfg = tiny_model_config(positions=positions, norm=norm, mlp=mlp, qk_norm=qk_norm, KV=KV,
-                            tied=tied, attention=attention)
+    (False, True), (0, 1), (True, False), model.ATTENTIONS
+  ):
+    cfg = tiny_model_config(
+      positions=positions,
+      norm=norm,
+      mlp=mlp,
+      qk_norm=qk_norm,
+      KV=KV,
+      tied=tied,
+      attention=attention,
+    )
     assert _causal(cfg), cfg
 
 
@@ -80,8 +97,10 @@ def test_rope_scores_depend_only_on_the_distance():
   k_1xLx1xK = jax.random.normal(jax.random.key(1), (1, 8, 1, 16))
   pos_1xL = jnp.arange(8)[None]
   scores = lambda shift: jnp.einsum(
-      'BLHK,BMHK->BLM', model.rope(q_1xLx1xK, pos_1xL + shift, 10_000.0),
-      model.rope(k_1xLx1xK, pos_1xL + shift, 10_000.0))
+    'BLHK,BMHK->BLM',
+    model.rope(q_1xLx1xK, pos_1xL + shift, 10_000.0),
+    model.rope(k_1xLx1xK, pos_1xL + shift, 10_000.0),
+  )
   np.testing.assert_allclose(scores(0), scores(37), atol=1e-4)
   assert not np.allclose(scores(0), jnp.einsum('BLHK,BMHK->BLM', q_1xLx1xK, k_1xLx1xK), atol=1e-3)
 
@@ -103,8 +122,9 @@ def test_grouped_query_attention_equals_multi_head_with_shared_key_value_heads()
 def test_dot_product_attention_gives_the_einsum_numbers():
   for KV in (0, 1):
     einsum = TransformerDecoder(tiny_model_config(KV=KV), nnx.Rngs(0))
-    graphdef, params = nnx.split(TransformerDecoder(
-        tiny_model_config(KV=KV, attention='dot_product_attention'), nnx.Rngs(0)))
+    graphdef, params = nnx.split(
+      TransformerDecoder(tiny_model_config(KV=KV, attention='dot_product_attention'), nnx.Rngs(0))
+    )
     x_BxL = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
     np.testing.assert_allclose(einsum(x_BxL), nnx.merge(graphdef, params)(x_BxL), atol=1e-5)
 
@@ -126,16 +146,24 @@ def test_label_smoothing_zero_is_cross_entropy_and_matches_optax():
 
 def test_wsd_schedule_holds_the_peak_then_decays():
   c = tiny_config('/unused')
-  c.opt.update(num_train_steps=110, warmup_steps=10, decay_type='wsd', wsd_decay_fraction=0.2,
-               peak_learning_rate=1.0, final_learning_rate=0.1)
+  c.opt.update(
+    num_train_steps=110,
+    warmup_steps=10,
+    decay_type='wsd',
+    wsd_decay_fraction=0.2,
+    peak_learning_rate=1.0,
+    final_learning_rate=0.1,
+  )
   lr = optimizer.get_schedule(c.opt)
   assert float(lr(10)) == pytest.approx(1.0) and float(lr(89)) == pytest.approx(1.0)
   assert float(lr(100)) == pytest.approx(0.55) and float(lr(110)) == pytest.approx(0.1)
 
 
 def test_learning_rate_multipliers_scale_the_updates_by_path():
-  params = {'embed_VxD': jnp.ones((4, 2)), 'blocks': {'0': {'w_DxF': jnp.ones((2, 3))},
-                                                      '1': {'w_DxF': jnp.ones((2, 3))}}}
+  params = {
+    'embed_VxD': jnp.ones((4, 2)),
+    'blocks': {'0': {'w_DxF': jnp.ones((2, 3))}, '1': {'w_DxF': jnp.ones((2, 3))}},
+  }
   tx = optimizer.scale_by_path('embed=0.5,blocks/0/=2')
   updates, _ = tx.update(params, tx.init(params), params)
   assert float(updates['embed_VxD'][0, 0]) == 0.5
@@ -143,12 +171,24 @@ def test_learning_rate_multipliers_scale_the_updates_by_path():
   assert float(updates['blocks']['1']['w_DxF'][0, 0]) == 1.0
 
 
-@pytest.mark.parametrize('options', [
-    {'model.positions': 'rope', 'model.KV': 1, 'model.mlp': 'swiglu', 'model.norm': 'rmsnorm',
-     'model.qk_norm': True, 'model.tied': False},
-    {'model.positions': 'none', 'model.attention': 'dot_product_attention',
-     'opt.optimizer': 'muon'},
-])
+@pytest.mark.parametrize(
+  'options',
+  [
+    {
+      'model.positions': 'rope',
+      'model.KV': 1,
+      'model.mlp': 'swiglu',
+      'model.norm': 'rmsnorm',
+      'model.qk_norm': True,
+      'model.tied': False,
+    },
+    {
+      'model.positions': 'none',
+      'model.attention': 'dot_product_attention',
+      'opt.optimizer': 'muon',
+    },
+  ],
+)
 def test_checkpoints_of_options_restore_and_sample(tmp_path, options):
   c = _config(str(tmp_path), options, steps=3)
   train.train_and_evaluate(c)

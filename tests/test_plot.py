@@ -54,9 +54,9 @@ def test_bad_input_is_refused_naming_it(tiny_run, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   for workdirs, out, message in [
-      ([str(tmp_path / 'none')], 'a.png', 'does not exist'),
-      ([str(empty)], 'a.png', 'has no metrics.jsonl'),
-      ([tiny_run], str(tmp_path / 'no' / 'a.png'), 'cannot be written'),
+    ([str(tmp_path / 'none')], 'a.png', 'does not exist'),
+    ([str(empty)], 'a.png', 'has no metrics.jsonl'),
+    ([tiny_run], str(tmp_path / 'no' / 'a.png'), 'cannot be written'),
   ]:
     with pytest.raises(ValueError, match=message):
       plot.plot(workdirs, out)
@@ -64,8 +64,8 @@ def test_bad_input_is_refused_naming_it(tiny_run, tmp_path):
 
 def test_command_line_bad_input_fails_with_one_clear_line(tmp_path):
   for args, message in [
-      ([f'--out={tmp_path / "a.png"}'], 'give a training workdir'),
-      ([f'--workdir={tmp_path / "none"}', f'--out={tmp_path / "a.png"}'], 'does not exist'),
+    ([f'--out={tmp_path / "a.png"}'], 'give a training workdir'),
+    ([f'--workdir={tmp_path / "none"}', f'--out={tmp_path / "a.png"}'], 'does not exist'),
   ]:
     out = _cli(*args)
     assert out.returncode != 0, args

@@ -42,13 +42,32 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 
 def _command(workdir: str, num_steps: int = NUM_STEPS) -> list[str]:
   # A constant learning rate: the losses of the first steps do not depend on num_steps.
-  flags = {'workdir': workdir, 'vocab_path': VOCAB, 'batch_size': 2, 'eval_batch_size': 64,
-           'model.D': 32, 'model.H': 2, 'model.N': 1, 'model.F': 64, 'model.L': 32,
-           'opt.num_train_steps': num_steps, 'opt.warmup_steps': 0, 'opt.decay_type': 'constant',
-           'checkpoint_every_steps': 2, 'log_every_steps': 100, 'eval_every_steps': 1000,
-           'peak_tflops': 1.0}
-  return [sys.executable, '-c', NO_UNPICKLING, MAIN, f'--config={CONFIG}',
-          *(f'--config.{k}={v}' for k, v in flags.items())]
+  flags = {
+    'workdir': workdir,
+    'vocab_path': VOCAB,
+    'batch_size': 2,
+    'eval_batch_size': 64,
+    'model.D': 32,
+    'model.H': 2,
+    'model.N': 1,
+    'model.F': 64,
+    'model.L': 32,
+    'opt.num_train_steps': num_steps,
+    'opt.warmup_steps': 0,
+    'opt.decay_type': 'constant',
+    'checkpoint_every_steps': 2,
+    'log_every_steps': 100,
+    'eval_every_steps': 1000,
+    'peak_tflops': 1.0,
+  }
+  return [
+    sys.executable,
+    '-c',
+    NO_UNPICKLING,
+    MAIN,
+    f'--config={CONFIG}',
+    *(f'--config.{k}={v}' for k, v in flags.items()),
+  ]
 
 
 def _run(workdir: str, num_steps: int = NUM_STEPS) -> subprocess.CompletedProcess:
@@ -62,8 +81,13 @@ def _default_sigint() -> None:
 
 
 def _start(workdir: str) -> subprocess.Popen:
-  return subprocess.Popen(_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, preexec_fn=_default_sigint)
+  return subprocess.Popen(
+    _command(workdir),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=_default_sigint,
+  )
 
 
 def _rows(workdir: str) -> list[dict]:
@@ -108,8 +132,9 @@ def reference(tmp_path_factory) -> tuple[str, list[tuple[int, float]]]:
 def _new_workdir(reference_dir: str, tmp_path) -> str:
   """An empty workdir holding only the reference's compiled steps, so restarts are quick."""
   workdir = str(tmp_path / 'run')
-  shutil.copytree(os.path.join(reference_dir, 'compile_cache'),
-                  os.path.join(workdir, 'compile_cache'))
+  shutil.copytree(
+    os.path.join(reference_dir, 'compile_cache'), os.path.join(workdir, 'compile_cache')
+  )
   return workdir
 
 
@@ -171,8 +196,11 @@ def _stop_with(sig: signal.Signals, workdir: str) -> int:
   stdout, stderr = p.communicate(timeout=300)
   assert p.returncode == 0, stderr[-3000:]
   assert 'Traceback' not in stderr
-  stopped = re.search(rf'Stopped by {sig.name} at step (\d+), checkpoint saved\. Run the same '
-                      r'command to resume\.', stdout)
+  stopped = re.search(
+    rf'Stopped by {sig.name} at step (\d+), checkpoint saved\. Run the same '
+    r'command to resume\.',
+    stdout,
+  )
   assert stopped, stdout
   step = int(stopped[1])
   assert 3 <= step < NUM_STEPS
@@ -205,8 +233,15 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_ends_the_same(refere
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
     f.write('{"step": 13, "lo')  # a line torn by a kill
   latest = os.path.join(workdir, 'checkpoints', str(NUM_STEPS))
-  data = max((os.path.join(d, n) for d, _, names in os.walk(os.path.join(latest, 'state'))
-              for n in names if os.path.basename(d) == 'd'), key=os.path.getsize)
+  data = max(
+    (
+      os.path.join(d, n)
+      for d, _, names in os.walk(os.path.join(latest, 'state'))
+      for n in names
+      if os.path.basename(d) == 'd'
+    ),
+    key=os.path.getsize,
+  )
   with open(data, 'r+b') as f:
     f.truncate(os.path.getsize(data) // 3)
   out = _run(workdir)
@@ -241,9 +276,21 @@ def test_a_run_writes_no_pickle(reference):
 def test_sampling_from_a_checkpoint_unpickles_nothing(reference):
   reference_dir, _ = reference
   out = subprocess.run(
-      [sys.executable, '-c', NO_UNPICKLING, MAIN, 'sample', f'--workdir={reference_dir}',
-       '--prompt=ROMEO:', '--max_new_tokens=4', '--temperature=0'],
-      capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      '-c',
+      NO_UNPICKLING,
+      MAIN,
+      'sample',
+      f'--workdir={reference_dir}',
+      '--prompt=ROMEO:',
+      '--max_new_tokens=4',
+      '--temperature=0',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith('ROMEO:')
   assert 'UNPICKLED' not in out.stderr, out.stderr

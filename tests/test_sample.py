@@ -27,12 +27,28 @@ def _model(seed=0):
   return cfg, TransformerDecoder(cfg, nnx.Rngs(seed))
 
 
-def _generate(model, prompt_BxP, length_B, max_new_tokens=10, sampling=GREEDY, eos_id=NO_EOS,
-              seed=0, on_token=None):
+def _generate(
+  model,
+  prompt_BxP,
+  length_B,
+  max_new_tokens=10,
+  sampling=GREEDY,
+  eos_id=NO_EOS,
+  seed=0,
+  on_token=None,
+):
   graphdef, params = nnx.split(model)
-  out_BxN = sample.generate(graphdef, params, jnp.asarray(prompt_BxP), jnp.asarray(length_B),
-                            sample.row_keys(seed, len(length_B)), max_new_tokens=max_new_tokens,
-                            sampling=sampling, eos_id=eos_id, on_token=on_token)
+  out_BxN = sample.generate(
+    graphdef,
+    params,
+    jnp.asarray(prompt_BxP),
+    jnp.asarray(length_B),
+    sample.row_keys(seed, len(length_B)),
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    eos_id=eos_id,
+    on_token=on_token,
+  )
   return np.asarray(out_BxN)
 
 
@@ -54,14 +70,16 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position():
   cfg, model = _model()
   x_BxL = jax.random.randint(jax.random.key(1), (2, cfg.L), 0, cfg.V)
   P = 5
-  logits, cache = _decode(model, x_BxL[:, :P], jnp.broadcast_to(jnp.arange(P), (2, P)),
-                          init_cache(cfg, 2))
+  logits, cache = _decode(
+    model, x_BxL[:, :P], jnp.broadcast_to(jnp.arange(P), (2, P)), init_cache(cfg, 2)
+  )
   steps = [logits]
   for t in range(P, cfg.L):
-    logits, cache = _decode(model, x_BxL[:, t:t + 1], jnp.full((2, 1), t), cache)
+    logits, cache = _decode(model, x_BxL[:, t : t + 1], jnp.full((2, 1), t), cache)
     steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1), _forward(model, x_BxL), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    jnp.concatenate(steps, 1), _forward(model, x_BxL), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_greedy_equals_a_naive_loop_without_cache():
@@ -80,8 +98,9 @@ def test_top_k_1_and_a_tiny_top_p_are_greedy():
   greedy = _generate(model, prompt_BxP, length_B)
   for sampling in (sample.Sampling(2.0, top_k=1), sample.Sampling(2.0, top_p=1e-6)):
     np.testing.assert_array_equal(_generate(model, prompt_BxP, length_B, sampling=sampling), greedy)
-  assert not np.array_equal(_generate(model, prompt_BxP, length_B, sampling=sample.Sampling(2.0)),
-                            greedy)
+  assert not np.array_equal(
+    _generate(model, prompt_BxP, length_B, sampling=sample.Sampling(2.0)), greedy
+  )
 
 
 class _Steps:
@@ -118,8 +137,16 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time():
   keys_B = sample.row_keys(3, 2)
   graphdef, params = nnx.split(model)
   for b, n in enumerate(lengths):
-    alone = sample.generate(graphdef, params, prompt_BxP[b:b + 1, :n], np.asarray([n]),
-                            keys_B[b:b + 1], max_new_tokens=10, sampling=sampling, eos_id=NO_EOS)
+    alone = sample.generate(
+      graphdef,
+      params,
+      prompt_BxP[b : b + 1, :n],
+      np.asarray([n]),
+      keys_B[b : b + 1],
+      max_new_tokens=10,
+      sampling=sampling,
+      eos_id=NO_EOS,
+    )
     np.testing.assert_array_equal(batched[b], alone[0])
   assert not np.array_equal(batched[0], batched[1])
 
@@ -177,13 +204,13 @@ def test_command_line_bad_input_fails_with_one_clear_line(trained, tmp_path):
   shutil.copy(os.path.join(trained, 'config.json'), no_checkpoint)
   w = f'--workdir={trained}'
   for args, message in [
-      ([f'--workdir={tmp_path / "none"}', '--prompt=a'], 'does not exist'),
-      ([f'--workdir={no_checkpoint}', '--prompt=a'], 'has no checkpoint yet'),
-      ([w, '--prompt=a', '--step=5'], 'step=5 has no checkpoint in'),
-      ([w, '--prompt='], 'The prompt is empty'),
-      ([w, '--prompt=' + 'To be, or not to be ' * 8], 'longer than the context L=32'),
-      ([w, '--prompt=a', '--temperature=-0.5'], 'temperature=-0.5 is not valid'),
-      ([w, '--prompt=a', '--top_p=1.5'], 'top_p=1.5 is not valid: must be in (0, 1]'),
+    ([f'--workdir={tmp_path / "none"}', '--prompt=a'], 'does not exist'),
+    ([f'--workdir={no_checkpoint}', '--prompt=a'], 'has no checkpoint yet'),
+    ([w, '--prompt=a', '--step=5'], 'step=5 has no checkpoint in'),
+    ([w, '--prompt='], 'The prompt is empty'),
+    ([w, '--prompt=' + 'To be, or not to be ' * 8], 'longer than the context L=32'),
+    ([w, '--prompt=a', '--temperature=-0.5'], 'temperature=-0.5 is not valid'),
+    ([w, '--prompt=a', '--top_p=1.5'], 'top_p=1.5 is not valid: must be in (0, 1]'),
   ]:
     out = _cli(*args)
     assert out.returncode != 0, args

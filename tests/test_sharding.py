@@ -21,8 +21,9 @@ MAIN = os.path.join(os.path.dirname(train.__file__), 'main.py')
 CONFIG = os.path.join(os.path.dirname(train.__file__), 'configs', 'default.py')
 
 
-def train_steps(data: int, fsdp: int, grad_accumulation_steps: int = 1, num_steps: int = 3,
-                B: int = 16, **model) -> dict:
+def train_steps(
+  data: int, fsdp: int, grad_accumulation_steps: int = 1, num_steps: int = 3, B: int = 16, **model
+) -> dict:
   """Losses of a few steps on one random batch, and each state array's per-device shape."""
   c = tiny_config('/unused')
   cfg = tiny_model_config(**model)
@@ -30,25 +31,37 @@ def train_steps(data: int, fsdp: int, grad_accumulation_steps: int = 1, num_step
   tx = optimizer.get_optimizer(c.opt)
   graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = update.jit_train_step(graphdef, tx, optimizer.get_schedule(c.opt), shardings,
-                                 batch_sharding, grad_accumulation_steps=grad_accumulation_steps)
+  step_fn = update.jit_train_step(
+    graphdef,
+    tx,
+    optimizer.get_schedule(c.opt),
+    shardings,
+    batch_sharding,
+    grad_accumulation_steps=grad_accumulation_steps,
+  )
   in_BxL = np.random.default_rng(0).integers(1, cfg.V, (B, cfg.L), dtype=np.int32)
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(num_steps):
       state, m = step_fn(state, sharding.global_batch(as_batch(in_BxL), batch_sharding))
       losses.append(float(m['loss']))
-  shapes = {jax.tree_util.keystr(path, simple=True, separator='/'):
-            (x.shape, x.addressable_shards[0].data.shape, len(x.sharding.device_set))
-            for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  shapes = {
+    jax.tree_util.keystr(path, simple=True, separator='/'): (
+      x.shape,
+      x.addressable_shards[0].data.shape,
+      len(x.sharding.device_set),
+    )
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
   return {'losses': losses, 'shapes': shapes}
 
 
 def _in_subprocess(code: str, num_devices: int) -> str:
   """Stdout of code run with num_devices fake CPU devices (the flag must not leak)."""
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}'}
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       cwd=TESTS, timeout=600)
+  out = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, cwd=TESTS, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -63,8 +76,9 @@ print(test_sharding.wo_FxD_sharding(F=36))
 
 def wo_FxD_sharding(**model) -> str:
   """The first block's wo_FxD sharding on the default mesh (no compile: shapes only)."""
-  abstract = nnx.state(nnx.eval_shape(lambda: TransformerDecoder(tiny_model_config(**model),
-                                                                 nnx.Rngs(0))))
+  abstract = nnx.state(
+    nnx.eval_shape(lambda: TransformerDecoder(tiny_model_config(**model), nnx.Rngs(0)))
+  )
   shardings = sharding.state_shardings(abstract, sharding.make_mesh())
   return str(shardings['blocks'][0]['mlp']['wo_FxD'].value.spec)
 
@@ -115,8 +129,10 @@ def test_data_axis_replicates_what_fsdp_shards(eight_devices):
 def test_a_dimension_the_axis_does_not_divide_is_replicated_with_one_line(eight_devices):
   # F=36 does not divide by 8: wo_FxD, sharded along F, stays whole.
   assert eight_devices['log'] == [
-      "Replicated, as a dimension does not divide its mesh axis {'data': 1, 'fsdp': 8}: "
-      'wo_FxD (36, 32).', 'P(None, None)']
+    "Replicated, as a dimension does not divide its mesh axis {'data': 1, 'fsdp': 8}: "
+    'wo_FxD (36, 32).',
+    'P(None, None)',
+  ]
 
 
 def test_accumulating_4_micro_batches_equals_one_step_of_the_batch(one_device):
@@ -133,12 +149,26 @@ def _free_port() -> int:
 def _nanodo(workdir: str, num_devices: int, *args: str) -> subprocess.Popen:
   """`nanodo` training a tiny model on num_devices fake CPU devices."""
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}'}
-  cmd = [sys.executable, MAIN, f'--config={CONFIG}', f'--config.workdir={workdir}',
-         f'--config.vocab_path={VOCAB}', '--config.model.D=32', '--config.model.H=2',
-         '--config.model.N=1', '--config.model.F=64', '--config.model.L=32',
-         '--config.batch_size=8', '--config.eval_batch_size=64', '--config.log_every_steps=1',
-         '--config.checkpoint_every_steps=2', '--config.opt.warmup_steps=0',
-         '--config.opt.decay_type=constant', '--config.peak_tflops=1', *args]
+  cmd = [
+    sys.executable,
+    MAIN,
+    f'--config={CONFIG}',
+    f'--config.workdir={workdir}',
+    f'--config.vocab_path={VOCAB}',
+    '--config.model.D=32',
+    '--config.model.H=2',
+    '--config.model.N=1',
+    '--config.model.F=64',
+    '--config.model.L=32',
+    '--config.batch_size=8',
+    '--config.eval_batch_size=64',
+    '--config.log_every_steps=1',
+    '--config.checkpoint_every_steps=2',
+    '--config.opt.warmup_steps=0',
+    '--config.opt.decay_type=constant',
+    '--config.peak_tflops=1',
+    *args,
+  ]
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -151,10 +181,19 @@ def _finish(*procs: subprocess.Popen) -> list[str]:
 
 def _two_processes(workdir: str, num_steps: int) -> list[str]:
   port = _free_port()
-  return _finish(*(_nanodo(workdir, 2, f'--config.opt.num_train_steps={num_steps}',
-                           f'--config.distributed.coordinator_address=localhost:{port}',
-                           '--config.distributed.num_processes=2',
-                           f'--config.distributed.process_id={i}') for i in range(2)))
+  return _finish(
+    *(
+      _nanodo(
+        workdir,
+        2,
+        f'--config.opt.num_train_steps={num_steps}',
+        f'--config.distributed.coordinator_address=localhost:{port}',
+        '--config.distributed.num_processes=2',
+        f'--config.distributed.process_id={i}',
+      )
+      for i in range(2)
+    )
+  )
 
 
 def _losses(workdir: str) -> dict[int, float]:
@@ -171,7 +210,8 @@ def test_two_processes_train_checkpoint_and_resume_as_one_process(tmp_path):
   assert sorted(os.listdir(os.path.join(two, 'checkpoints'))) == ['2', '4']
   # Each process saved its own data position.
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(
-      os.listdir(os.path.join(two, 'checkpoints', '4', 'data')))
+    os.listdir(os.path.join(two, 'checkpoints', '4', 'data'))
+  )
   resumed = _two_processes(two, 6)
   assert 'starting at step 4 of 6' in resumed[0]
   _finish(single)

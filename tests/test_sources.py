@@ -12,8 +12,12 @@ from conftest import VOCAB, tiny_config
 
 from nanodo import corpora, sources, token_cache, tokenizer
 
-DOCS = ['To be, or not to be: that is the question.', 'Ünïcödé — “quoted” text 🎭.',
-        'Line one\nline two.', 'O, pardon me, thou bleeding piece of earth.']
+DOCS = [
+  'To be, or not to be: that is the question.',
+  'Ünïcödé — “quoted” text 🎭.',
+  'Line one\nline two.',
+  'O, pardon me, thou bleeding piece of earth.',
+]
 HELD_OUT = ['Friends, Romans, countrymen.']
 
 
@@ -43,16 +47,19 @@ def _write_parquet(root, docs):
   half = len(docs) // 2 or 1  # two files: order is by path
   for i, part in enumerate((docs[:half], docs[half:])):
     if part:
-      pq.write_table(pa.table({'text': part, 'n': list(range(len(part)))}),
-                     os.path.join(root, f'part-{i}.parquet'))
+      pq.write_table(
+        pa.table({'text': part, 'n': list(range(len(part)))}),
+        os.path.join(root, f'part-{i}.parquet'),
+      )
 
 
 def _write_arrayrecord(root, docs):
   from array_record.python import array_record_module
 
   os.makedirs(root)
-  writer = array_record_module.ArrayRecordWriter(os.path.join(root, 'docs.array_record'),
-                                                 'group_size:1')
+  writer = array_record_module.ArrayRecordWriter(
+    os.path.join(root, 'docs.array_record'), 'group_size:1'
+  )
   for d in docs:
     writer.write(d.encode())
   writer.close()
@@ -66,8 +73,10 @@ def _write_tfds(data_dir):
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
-          disable_shuffling=True)  # records in the order written, as DOCS
+        builder=self,
+        features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
+        disable_shuffling=True,
+      )  # records in the order written, as DOCS
 
     def _split_generators(self, dl_manager):
       return {'train': self._generate_examples(DOCS), 'test': self._generate_examples(HELD_OUT)}
@@ -86,9 +95,12 @@ def _config(tmp_path, kind, monkeypatch):
   if kind in ('text', 'paragraph'):
     for split, docs in (('train', DOCS), ('eval', HELD_OUT)):
       _write_text(str(d / split), docs, per_file=kind == 'text')
-    c.update(ds_name='text', train_split=str(d / 'train' / '*.txt'),
-             eval_split=str(d / 'eval' / '*.txt'),
-             text_documents='file' if kind == 'text' else 'paragraph')
+    c.update(
+      ds_name='text',
+      train_split=str(d / 'train' / '*.txt'),
+      eval_split=str(d / 'eval' / '*.txt'),
+      text_documents='file' if kind == 'text' else 'paragraph',
+    )
   elif kind == 'jsonl':
     _write_jsonl(str(d / 'train.jsonl'), DOCS)
     _write_jsonl(str(d / 'eval.jsonl'), HELD_OUT)
@@ -96,17 +108,22 @@ def _config(tmp_path, kind, monkeypatch):
   elif kind == 'parquet':
     _write_parquet(str(d / 'train'), DOCS)
     _write_parquet(str(d / 'eval'), HELD_OUT)
-    c.update(ds_name='parquet', train_split=str(d / 'train' / '*.parquet'),
-             eval_split=str(d / 'eval' / '*.parquet'))
+    c.update(
+      ds_name='parquet',
+      train_split=str(d / 'train' / '*.parquet'),
+      eval_split=str(d / 'eval' / '*.parquet'),
+    )
   elif kind == 'arrayrecord':
     _write_arrayrecord(str(d / 'train'), DOCS)
     _write_arrayrecord(str(d / 'eval'), HELD_OUT)
-    c.update(ds_name='arrayrecord', train_split=str(d / 'train' / '*'),
-             eval_split=str(d / 'eval' / '*'))
+    c.update(
+      ds_name='arrayrecord', train_split=str(d / 'train' / '*'), eval_split=str(d / 'eval' / '*')
+    )
   elif kind == 'tfds':
     _write_tfds(str(d))
-    c.update(ds_name='tfds:tiny_corpus', tfds_data_dir=str(d), train_split='train',
-             eval_split='test')
+    c.update(
+      ds_name='tfds:tiny_corpus', tfds_data_dir=str(d), train_split='train', eval_split='test'
+    )
   elif kind == 'hf':
     datasets = pytest.importorskip('datasets', reason='the hf extra is not installed')
     monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'hf_cache'))
@@ -160,7 +177,7 @@ def test_a_file_that_is_not_utf8_is_named_or_skipped_and_counted(tmp_path, capsy
   with open(tmp_path / 'data' / 'train' / '01.txt', 'wb') as f:
     f.write('Ünïcödé'.encode('latin-1'))
   split = sources.get_split(c, 'train')
-  with pytest.raises(ValueError, match=r"01\.txt is not UTF-8 .*bad_utf8=skip"):
+  with pytest.raises(ValueError, match=r'01\.txt is not UTF-8 .*bad_utf8=skip'):
     list(split.documents())
   c.bad_utf8 = 'skip'
   assert list(sources.get_split(c, 'train').documents()) == [DOCS[0], *DOCS[2:]]
@@ -190,9 +207,16 @@ def test_a_missing_extra_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 def test_the_core_path_imports_no_optional_extra():
-  code = ('import sys; from nanodo import main, train, sources; from conftest import tiny_config; '
-          "sources.get_split(tiny_config('/unused'), 'eval'); "
-          "print([m for m in ('tensorflow_datasets', 'datasets', 'pyarrow') if m in sys.modules])")
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
-                       cwd=os.path.dirname(__file__))
+  code = (
+    'import sys; from nanodo import main, train, sources; from conftest import tiny_config; '
+    "sources.get_split(tiny_config('/unused'), 'eval'); "
+    "print([m for m in ('tensorflow_datasets', 'datasets', 'pyarrow') if m in sys.modules])"
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=os.path.dirname(__file__),
+  )
   assert out.stdout.strip() == '[]'

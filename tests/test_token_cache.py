@@ -8,8 +8,11 @@ from conftest import VOCAB
 
 from nanodo import corpora, sources, token_cache, tokenizer
 
-DOCS = ['Now is the winter of our discontent', 'Made glorious summer by this sun of York;',
-        'And all the clouds that lour’d upon our house']
+DOCS = [
+  'Now is the winter of our discontent',
+  'Made glorious summer by this sun of York;',
+  'And all the clouds that lour’d upon our house',
+]
 
 
 def _split(docs, fingerprint='v1'):
@@ -18,8 +21,10 @@ def _split(docs, fingerprint='v1'):
 
 def _unreadable(fingerprint='v1'):
   """A split whose documents must not be read: its cache must be used."""
+
   def docs():
     raise AssertionError('the source was read again')
+
   return sources.Split('tiny-train', fingerprint, docs)
 
 
@@ -43,8 +48,9 @@ def test_first_use_builds_the_cache_and_later_uses_only_read_it(tmp_path, capsys
 
 def test_a_changed_tokenizer_never_reads_the_old_tokens(tmp_path):
   sp = tokenizer.load(VOCAB)
-  other = tokenizer.train([' '.join(DOCS) * 20, *corpora.shakespeare()[1][:1]], 400,
-                          str(tmp_path / 'other.model'))
+  other = tokenizer.train(
+    [' '.join(DOCS) * 20, *corpora.shakespeare()[1][:1]], 400, str(tmp_path / 'other.model')
+  )
   token_cache.load(_split(DOCS), sp, str(tmp_path / 'cache'), workers=1)
   tokens = token_cache.load(_split(DOCS), other, str(tmp_path / 'cache'), workers=1)
   np.testing.assert_array_equal(tokens.ids, _expected(other, DOCS))
@@ -63,8 +69,11 @@ def test_a_changed_source_is_rebuilt(tmp_path, capsys):
 def test_a_corrupt_cache_is_named_and_rebuilt(tmp_path, capsys, damage):
   sp = tokenizer.load(VOCAB)
   token_cache.load(_split(DOCS), sp, str(tmp_path), workers=1)
-  (path,) = (os.path.join(tmp_path, p) for p in os.listdir(tmp_path) if p.endswith(f'{damage}.bin')
-             or p.endswith(damage))
+  (path,) = (
+    os.path.join(tmp_path, p)
+    for p in os.listdir(tmp_path)
+    if p.endswith(f'{damage}.bin') or p.endswith(damage)
+  )
   with open(path, 'r+b') as f:  # a cut-short file, as a full disk leaves it
     f.truncate(os.path.getsize(path) - 7)
   tokens = token_cache.load(_split(DOCS), sp, str(tmp_path), workers=1)
@@ -78,9 +87,11 @@ def test_a_failed_build_leaves_no_cache_behind(tmp_path):
   def docs():
     yield DOCS[0]
     raise ValueError('bad.txt is not UTF-8')
+
   with pytest.raises(ValueError, match='bad.txt'):
-    token_cache.load(sources.Split('tiny-train', 'v1', docs), tokenizer.load(VOCAB),
-                     str(tmp_path), workers=1)
+    token_cache.load(
+      sources.Split('tiny-train', 'v1', docs), tokenizer.load(VOCAB), str(tmp_path), workers=1
+    )
   assert os.listdir(tmp_path) == []
 
 

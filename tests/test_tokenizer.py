@@ -7,7 +7,7 @@ from conftest import VOCAB
 
 from nanodo import tokenizer
 
-TEXT = "**HAMLET**  \nTo be, or not to be: that is the question:  \n\n_Exit_ 1601 — ½ ünïcödé 🎭\n"
+TEXT = '**HAMLET**  \nTo be, or not to be: that is the question:  \n\n_Exit_ 1601 — ½ ünïcödé 🎭\n'
 
 
 def test_shipped_tokenizer_round_trips_text_byte_for_byte():
@@ -17,8 +17,10 @@ def test_shipped_tokenizer_round_trips_text_byte_for_byte():
 
 
 def test_trained_tokenizer_round_trips(tmp_path):
-  texts = ['the quick brown fox jumps over the lazy dog  \n' * 20,
-           'Pack my box with five dozen liquor jugs.\n'] * 5
+  texts = [
+    'the quick brown fox jumps over the lazy dog  \n' * 20,
+    'Pack my box with five dozen liquor jugs.\n',
+  ] * 5
   sp = tokenizer.train(texts, 300, str(tmp_path / 'sp.model'))
   assert sp.vocab_size() == 300
   assert sp.decode(sp.encode(TEXT)) == TEXT  # Unseen characters go through byte pieces.
@@ -36,6 +38,7 @@ def test_unreadable_model_gives_a_clear_error(tmp_path):
 
 def test_a_vocabulary_too_large_for_the_corpus_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r'^vocab_size=5000 is not valid for this corpus: .*<= \d+'):
-    tokenizer.train(['the quick brown fox jumps over the lazy dog\n'] * 20, 5000,
-                    str(tmp_path / 'sp.model'))
+    tokenizer.train(
+      ['the quick brown fox jumps over the lazy dog\n'] * 20, 5000, str(tmp_path / 'sp.model')
+    )
   assert not os.listdir(tmp_path)

@@ -21,8 +21,12 @@ def _step_fn(c, cfg):
   tx = optimizer.get_optimizer(c.opt)
   mesh = sharding.make_mesh()
   graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
-  step = jax.jit(functools.partial(update.train_step, graphdef=graphdef, tx=tx,
-                                   schedule=optimizer.get_schedule(c.opt)), donate_argnums=0)
+  step = jax.jit(
+    functools.partial(
+      update.train_step, graphdef=graphdef, tx=tx, schedule=optimizer.get_schedule(c.opt)
+    ),
+    donate_argnums=0,
+  )
   return state, step
 
 
@@ -77,8 +81,10 @@ def test_weight_decay_skips_embeddings_and_scales(tmp_path):
   c = tiny_config(str(tmp_path))
   state, _ = _step_fn(c, tiny_model_config())
   mask = optimizer.decay_mask(state['params'], c.opt.weight_decay_exclude)
-  flat = {jax.tree_util.keystr(path, simple=True, separator='/'): v
-          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  flat = {
+    jax.tree_util.keystr(path, simple=True, separator='/'): v
+    for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+  }
   assert flat['embed_VxD/value'] is False and flat['pos_LxD/value'] is False
   assert flat['blocks/0/mlp/wi_DxF/value'] is True
   assert flat['blocks/0/ln1/scale/value'] is False
@@ -100,8 +106,14 @@ for name, x in [('wi', state['params']['blocks'][0]['mlp']['wi_DxF'][...]),
 
 def test_params_and_optimizer_state_are_sharded_over_8_devices():
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  out = subprocess.run([sys.executable, '-c', SHARDED], env=env, capture_output=True, text=True,
-                       cwd=os.path.dirname(__file__), check=True).stdout
+  out = subprocess.run(
+    [sys.executable, '-c', SHARDED],
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(__file__),
+    check=True,
+  ).stdout
   lines = dict((line.split(' ', 1)) for line in out.strip().splitlines())
   assert lines['wi'] == '(64, 128) (8, 128) 8'
   assert lines['mu'] == '(64, 128) (8, 128) 8'
@@ -126,7 +138,8 @@ def test_logged_mfu_uses_the_given_peak(tmp_path):
     rows = [r for r in map(json.loads, f) if 'loss' in r]
   cfg = tiny_model_config(L=c.model.L, V=tokenizer.load(VOCAB).vocab_size())
   per_token = metrics.model_flops_per_token(
-      nnx.state(TransformerDecoder(cfg, nnx.Rngs(0))), cfg.D, cfg.L, cfg.N, cfg.V)
+    nnx.state(TransformerDecoder(cfg, nnx.Rngs(0))), cfg.D, cfg.L, cfg.N, cfg.V
+  )
   for r in rows:
     assert r['mfu'] == pytest.approx(r['tokens_per_sec'] * per_token / 1e9, rel=1e-6)
 
@@ -134,8 +147,11 @@ def test_logged_mfu_uses_the_given_peak(tmp_path):
 def test_a_workdir_tokenizer_of_another_size_is_not_reused_silently(tmp_path):
   shutil.copy(VOCAB, tmp_path / train.TOKENIZER_FILE)
   c = tiny_config(str(tmp_path), vocab_path='', vocab_size=2048)
-  with pytest.raises(ValueError, match=r'^vocab_size=2048 is not valid: .* holds a tokenizer of '
-                     r'1024 pieces; set vocab_size=1024\.'):
+  with pytest.raises(
+    ValueError,
+    match=r'^vocab_size=2048 is not valid: .* holds a tokenizer of '
+    r'1024 pieces; set vocab_size=1024\.',
+  ):
     train.get_tokenizer(c, [])
   c.vocab_size = 1024
   assert train.get_tokenizer(c, []).vocab_size() == 1024

@@ -14,9 +14,15 @@ _MISSING = object()
 
 
 def _flat(tree: dict, prefix: str = '') -> dict[str, object]:
-  return {k: v for key, value in tree.items()
-          for k, v in (_flat(value, f'{prefix}{key}.').items() if isinstance(value, dict)
-                       else [(prefix + key, value)])}
+  return {
+    k: v
+    for key, value in tree.items()
+    for k, v in (
+      _flat(value, f'{prefix}{key}.').items()
+      if isinstance(value, dict)
+      else [(prefix + key, value)]
+    )
+  }
 
 
 DECLARED = _flat(default.get_config().to_dict())
@@ -50,7 +56,9 @@ def test_every_key_is_type_checked(key, tmp_path):
     validate.check(_with(str(tmp_path), key, wrong))
 
 
-@pytest.mark.parametrize('key,value,message', [
+@pytest.mark.parametrize(
+  'key,value,message',
+  [
     ('seed', -1, 'must be in [0, 2**32)'),
     ('seed', 2**32, 'must be in [0, 2**32)'),
     ('batch_size', 0, 'must be a positive integer'),
@@ -91,7 +99,8 @@ def test_every_key_is_type_checked(key, tmp_path):
     ('workdir', '', 'give a directory'),
     ('opt.lr', 0.1, 'not a config key'),
     ('opt.eps', _MISSING, 'missing'),
-])
+  ],
+)
 def test_bad_values_name_the_key_the_value_and_what_is_valid(key, value, message, tmp_path):
   shown = None if value is _MISSING else value
   with pytest.raises(validate.ConfigError) as e:
@@ -113,9 +122,13 @@ def test_resume_refuses_a_changed_model_tokenizer_or_data_and_lists_each_change(
   c.opt.optimizer = 'lion'
   with pytest.raises(validate.ConfigError) as e:
     validate.check_resume(c)
-  for change in ('model.D: 32 -> 64', "model.positions: 'learned' -> 'rope'",
-                 'vocab_size: 8192 -> 2048', 'batch_size: 4 -> 8',
-                 "opt.optimizer: 'adamw' -> 'lion'"):
+  for change in (
+    'model.D: 32 -> 64',
+    "model.positions: 'learned' -> 'rope'",
+    'vocab_size: 8192 -> 2048',
+    'batch_size: 4 -> 8',
+    "opt.optimizer: 'adamw' -> 'lion'",
+  ):
     assert change in str(e.value)
   assert 'model.H' not in str(e.value)
 
@@ -149,6 +162,9 @@ def test_starting_from_another_run_needs_its_model_and_tokenizer_not_its_data(tm
   c = tiny_config(str(tmp_path / 'run'), checkpoint_restore_dir=other.workdir, batch_size=8, seed=1)
   validate.check_resume(c)
   c.model.N = 3
-  with pytest.raises(validate.ConfigError, match=r"^checkpoint_restore_dir='.*other' holds a run "
-                     r'.*model.N: 2 -> 3\.'):
+  with pytest.raises(
+    validate.ConfigError,
+    match=r"^checkpoint_restore_dir='.*other' holds a run "
+    r'.*model.N: 2 -> 3\.',
+  ):
     validate.check_resume(c)

@@ -29,8 +29,9 @@ def test_a_second_lock_on_a_workdir_fails_at_once_naming_the_holder(tmp_path):
 
 
 def test_the_lock_of_a_killed_process_is_free_at_once(tmp_path):
-  p = subprocess.Popen([sys.executable, '-c', HOLD, str(tmp_path)], stdout=subprocess.PIPE,
-                       text=True)
+  p = subprocess.Popen(
+    [sys.executable, '-c', HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+  )
   try:
     assert p.stdout.readline() == 'locked\n'
     with pytest.raises(ValueError, match=rf'in use by another nanodo run \(pid {p.pid} '):

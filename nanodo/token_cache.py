@@ -22,6 +22,7 @@ from concurrent import futures
 import numpy as np
 import sentencepiece as spm
 
+from nanodo.progress import log
 from nanodo.sources import Split
 
 FORMAT = 2
@@ -51,7 +52,7 @@ def load(split: Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: 
     try:
       return read(base, expected)
     except CacheError as e:
-      print(f'Token cache {base}: {e}; rebuilding it.', flush=True)
+      log(f'Token cache {base}: {e}; rebuilding it.')
   build(split, sp, base, expected, workers)
   return read(base, expected)
 
@@ -154,7 +155,7 @@ def build(
   tokens, offsets_file, meta_file = (tmp + s for s in ('.tokens.bin', '.offsets.bin', '.json'))
   start = last = time.time()
   offsets, num_bytes = [0], 0
-  print(f'Building the token cache {base} with {workers} worker(s)...', flush=True)
+  log(f'Building the token cache {base} with {workers} worker(s)...')
   try:
     with open(tokens, 'wb') as f:
       for group in encoded(split.documents(), sp, workers):
@@ -164,11 +165,8 @@ def build(
           num_bytes += size
         if time.time() - last > _PROGRESS_SECONDS:
           last = time.time()
-          print(
-            f'  {len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens, '
-            f'{num_bytes / 1e6 / (last - start):.1f} MB/s',
-            flush=True,
-          )
+          rate = num_bytes / 1e6 / (last - start)
+          log(f'  {len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens, {rate:.1f} MB/s')
     if len(offsets) == 1:
       raise ValueError(f'{split.name} has no documents.')
     np.asarray(offsets, '<i8').tofile(offsets_file)
@@ -194,8 +192,5 @@ def build(
     for path in (tokens, offsets_file, meta_file):
       if os.path.exists(path):
         os.remove(path)
-  print(
-    f'Token cache {base}: {len(offsets) - 1} documents, {offsets[-1]} tokens in '
-    f'{time.time() - start:.1f}s.',
-    flush=True,
-  )
+  seconds = time.time() - start
+  log(f'Token cache {base}: {len(offsets) - 1} documents, {offsets[-1]} tokens in {seconds:.1f}s.')

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import VOCAB, tiny_config
 
-from nanodo import corpora, train, validate, workdir
+from nanodo import sources, train, validate, workdir
 
 TINY = [
   '--config.model.D=32',
@@ -328,7 +328,7 @@ def test_eval_command_bad_input_fails_with_one_clear_line(tiny_run, tmp_path):
 
 
 def test_trains_on_local_jsonl_files_and_a_resumed_run_reuses_the_token_cache(tmp_path, capsys):
-  plays = corpora.shakespeare()[1]
+  plays = sources.shakespeare()[1]
   for name, docs in (
     ('train', plays[0].split('\n\n')[:300]),
     ('eval', plays[1].split('\n\n')[:50]),

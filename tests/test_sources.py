@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import VOCAB, tiny_config
 
-from nanodo import corpora, sources, token_cache, tokenizer
+from nanodo import sources, token_cache, tokenizer
 
 DOCS = [
   'To be, or not to be: that is the question.',
@@ -152,7 +152,7 @@ def test_every_source_reads_the_corpus_to_the_same_token_ids(tmp_path, kind, mon
 
 
 def test_shakespeare_split_holds_out_every_13th_play():
-  train_docs, eval_docs = corpora.shakespeare()
+  train_docs, eval_docs = sources.shakespeare()
   assert (len(train_docs), len(eval_docs)) == (35, 3)
   titles = [d.splitlines()[0] for d in eval_docs]
   assert titles == ["# A Midsummer Night's Dream", '# Henry VI, Part 2', '# Julius Caesar']
@@ -161,7 +161,7 @@ def test_shakespeare_split_holds_out_every_13th_play():
 
 
 def test_pystdlib_is_the_standard_library_with_a_split_fixed_by_path():
-  train_docs, eval_docs = corpora.pystdlib()
+  train_docs, eval_docs = sources.pystdlib()
   assert len(train_docs) > 500 and 0.02 < len(eval_docs) / len(train_docs) < 0.1
   assert not set(train_docs) & set(eval_docs)
   with open(os.__file__, encoding='utf-8') as f:

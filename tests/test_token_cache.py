@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import VOCAB
 
-from nanodo import corpora, sources, token_cache, tokenizer
+from nanodo import sources, token_cache, tokenizer
 
 DOCS = [
   'Now is the winter of our discontent',
@@ -49,7 +49,7 @@ def test_first_use_builds_the_cache_and_later_uses_only_read_it(tmp_path, capsys
 def test_a_changed_tokenizer_never_reads_the_old_tokens(tmp_path):
   sp = tokenizer.load(VOCAB)
   other = tokenizer.train(
-    [' '.join(DOCS) * 20, *corpora.shakespeare()[1][:1]], 400, str(tmp_path / 'other.model')
+    [' '.join(DOCS) * 20, *sources.shakespeare()[1][:1]], 400, str(tmp_path / 'other.model')
   )
   token_cache.load(_split(DOCS), sp, str(tmp_path / 'cache'), workers=1)
   tokens = token_cache.load(_split(DOCS), other, str(tmp_path / 'cache'), workers=1)

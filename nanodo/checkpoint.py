@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nanodo.optimizer import PyTree
+from nanodo.progress import log
+from nanodo.tree import PyTree
 
 _UINTS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -153,10 +154,9 @@ def restore(
         continue
       path = os.path.join(mngr.directory, str(bad))
       kept = _set_aside(path) if set_aside else path
-      print(
+      log(
         f'Checkpoint {bad} is unreadable ({error}); resuming from checkpoint {step} instead. '
-        f'The unreadable one is kept as {kept}.',
-        flush=True,
+        f'The unreadable one is kept as {kept}.'
       )
     mngr.reload()
     return restored

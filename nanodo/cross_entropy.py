@@ -4,57 +4,59 @@ The logits of a whole batch (B·L·V floats) never exist at once: each block's l
 block's loss and its gradient (the softmax minus the target), and are dropped. Levanter calls
 this blockwise cross-entropy. It saves the memory of the logits on every device, and on CPU it is
 faster than the autodiff of a softmax over all the logits.
+
+T is the tokens of a block, C the number of blocks.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 # Parts of the objective, each a sum over the weighted targets.
 Parts = dict[str, jax.Array]
-# Tokens whose logits exist at once (over all devices); the fastest on a 2-core CPU.
-BLOCK_SIZE = 512
+
+
+class Extras(NamedTuple):
+  """What the objective adds to the plain cross-entropy, and the squared loss for a std error."""
+
+  label_smoothing: float
+  z_loss: float
+  squares: bool
 
 
 def losses(
-  logits_TxV: jax.Array,
-  logz_T: jax.Array,
-  y_T: jax.Array,
-  weights_T: jax.Array,
-  label_smoothing: float,
-  z_loss: float,
+  logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, extras: Extras
 ) -> tuple[jax.Array, Parts]:
   """The objective and its parts, each a weighted sum over the targets; logz_T: logsumexp.
 
-  'loss' is always the plain next-token cross-entropy; label smoothing and the z-loss (on the
-  log-normalizer) are parts of their own when on.
+  'loss' is always the plain next-token cross-entropy; label smoothing, the z-loss (on the
+  log-normalizer) and the squared loss are parts of their own when on.
   """
+  label_smoothing, z_loss, squares = extras
   total = lambda v_T: jnp.sum(v_T * weights_T)
-  parts = {'loss': total(logz_T - jnp.take_along_axis(logits_TxV, y_T[:, None], -1)[:, 0])}
+  nll_T = logz_T - jnp.take_along_axis(logits_TxV, y_T[:, None], -1)[:, 0]
+  parts = {'loss': total(nll_T)}
   objective = parts['loss']
   if label_smoothing:
     # Cross-entropy against (1 - s) on the target plus s spread uniformly over the vocabulary.
-    parts['smoothed_loss'] = (1 - label_smoothing) * parts['loss'] + label_smoothing * total(
-      logz_T - jnp.mean(logits_TxV, axis=-1)
-    )
+    uniform = total(logz_T - jnp.mean(logits_TxV, axis=-1))
+    parts['smoothed_loss'] = (1 - label_smoothing) * parts['loss'] + label_smoothing * uniform
     objective = parts['smoothed_loss']
   if z_loss:
     parts['z_loss'] = z_loss * total(jnp.square(logz_T))
     objective += parts['z_loss']
+  if squares:
+    parts['loss_sq'] = total(jnp.square(nll_T))
   return objective, parts
 
 
 def grad_logits(
-  logits_TxV: jax.Array,
-  logz_T: jax.Array,
-  y_T: jax.Array,
-  weights_T: jax.Array,
-  label_smoothing: float,
-  z_loss: float,
+  logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, extras: Extras
 ) -> jax.Array:
   """The gradient of losses' objective with respect to the logits, written out."""
-  s, V = label_smoothing, logits_TxV.shape[-1]
+  s, z_loss, V = extras.label_smoothing, extras.z_loss, logits_TxV.shape[-1]
   logz_Tx1 = logz_T[:, None]
   softmax_TxV = jnp.exp(logits_TxV - logz_Tx1)
   target_TxV = (1 - s) * jax.nn.one_hot(y_T, V, dtype=logits_TxV.dtype) + s / V
@@ -70,21 +72,32 @@ def _blocks(v_BxLx: jax.Array, block_size: int) -> jax.Array:
   return v_BxLx.reshape(B, L // Lb, Lb, *v_BxLx.shape[2:]).swapaxes(0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _block_logits(out_VxD: jax.Array, h_BxLbxD: jax.Array, y_BxLb: jax.Array, w_BxLb: jax.Array):
+  """A block's h in float32 and the arguments of losses (float32 logits: for the precision)."""
+  h_TxD = h_BxLbxD.reshape(-1, h_BxLbxD.shape[-1]).astype(jnp.float32)
+  logits_TxV = jnp.einsum('TD,VD->TV', h_TxD, out_VxD)
+  return h_TxD, (logits_TxV, jax.nn.logsumexp(logits_TxV, axis=-1), y_BxLb.ravel(), w_BxLb.ravel())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def blockwise(
   h_BxLxD: jax.Array,
   out_VxD: jax.Array,
   y_BxL: jax.Array,
   weights_BxL: jax.Array,
-  label_smoothing: float,
-  z_loss: float,
+  extras: Extras,
   block_size: int,
 ) -> tuple[jax.Array, Parts]:
   """losses of the logits h·out, a block of about block_size tokens at a time.
 
   Differentiable in h and out through the objective only (the parts are for reporting).
   """
-  return _forward(h_BxLxD, out_VxD, y_BxL, weights_BxL, label_smoothing, z_loss, block_size)[0]
+
+  def block(_, xs: tuple) -> tuple[None, tuple]:
+    return None, losses(*_block_logits(out_VxD, *xs)[1], extras)
+
+  xs = tuple(_blocks(v, block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
+  return jax.tree.map(jnp.sum, jax.lax.scan(block, None, xs)[1])
 
 
 def _forward(
@@ -92,42 +105,25 @@ def _forward(
   out_VxD: jax.Array,
   y_BxL: jax.Array,
   weights_BxL: jax.Array,
-  label_smoothing: float,
-  z_loss: float,
+  extras: Extras,
   block_size: int,
 ) -> tuple[tuple[jax.Array, Parts], tuple[jax.Array, jax.Array]]:
   """blockwise's value, and its gradients in h and out, computed together block by block."""
 
   def block(d_out_VxD: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-    h_BxLbxD, y_BxLb, weights_BxLb = xs
-    # logits in float32: the loss needs the precision.
-    h_TxD = h_BxLbxD.reshape(-1, h_BxLbxD.shape[-1]).astype(jnp.float32)
-    logits_TxV = jnp.einsum('TD,VD->TV', h_TxD, out_VxD)
-    logz_T = jax.nn.logsumexp(logits_TxV, axis=-1)
-    args = (
-      logits_TxV,
-      logz_T,
-      y_BxLb.reshape(-1),
-      weights_BxLb.reshape(-1),
-      label_smoothing,
-      z_loss,
-    )
-    g_TxV = grad_logits(*args)
-    d_h_BxLbxD = jnp.einsum('TV,VD->TD', g_TxV, out_VxD).reshape(h_BxLbxD.shape)
-    return d_out_VxD + jnp.einsum('TV,TD->VD', g_TxV, h_TxD), (losses(*args), d_h_BxLbxD)
+    h_TxD, args = _block_logits(out_VxD, *xs)
+    g_TxV = grad_logits(*args, extras)
+    d_h_BxLbxD = jnp.einsum('TV,VD->TD', g_TxV, out_VxD).reshape(xs[0].shape)
+    return d_out_VxD + jnp.einsum('TV,TD->VD', g_TxV, h_TxD), (losses(*args, extras), d_h_BxLbxD)
 
   xs = tuple(_blocks(v, block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
-  d_out_VxD, (sums, d_h_NxBxLbxD) = jax.lax.scan(block, jnp.zeros_like(out_VxD), xs)
-  d_h_BxLxD = d_h_NxBxLbxD.swapaxes(0, 1).reshape(h_BxLxD.shape).astype(h_BxLxD.dtype)
+  d_out_VxD, (sums, d_h_CxBxLbxD) = jax.lax.scan(block, jnp.zeros_like(out_VxD), xs)
+  d_h_BxLxD = d_h_CxBxLbxD.swapaxes(0, 1).reshape(h_BxLxD.shape).astype(h_BxLxD.dtype)
   return jax.tree.map(jnp.sum, sums), (d_h_BxLxD, d_out_VxD)
 
 
 def _backward(
-  label_smoothing: float,
-  z_loss: float,
-  block_size: int,
-  grads: tuple[jax.Array, jax.Array],
-  cotangents: tuple[jax.Array, Parts],
+  extras: Extras, block_size: int, grads: tuple[jax.Array, jax.Array], cotangents: tuple
 ) -> tuple[jax.Array | None, ...]:
   """The gradients _forward computed, times the objective's cotangent."""
   ct = cotangents[0]

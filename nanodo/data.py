@@ -1,15 +1,22 @@
-"""Token caches -> rows of length L -> batches (Grain), each process reading only its shard.
+"""Token caches -> rows of length L -> batches (Grain) -> global batches on the device mesh.
 
-A batch is a dict of int32 B×L arrays: 'x' (token ids, 0: padding), 'segment_ids' (1, 2, ... per
-document piece in the row, 0 on padding) and 'positions' (each piece's own positions from 0).
+A batch is a dict of B×L arrays: 'x' (token ids, 0: padding), 'segment_ids' (1, 2, ... per
+document piece in the row, 0 on padding), 'positions' (each piece's own positions from 0), 'y'
+(the next-token targets) and 'weights' (1.0 where a target counts in the loss). Each process
+reads only its slice of every batch.
 """
 
 import bisect
 import dataclasses
+import functools
 
 import grain
+import jax
 import numpy as np
+import sentencepiece as spm
+from jax.experimental import multihost_utils
 
+from nanodo import sources, token_cache
 from nanodo.token_cache import Tokens
 
 # 'packed': document pieces packed into rows, attention and positions kept within each piece;
@@ -98,10 +105,25 @@ def read_row(ids: np.ndarray, rows: Rows, L: int, r: int) -> Batch:
   return row
 
 
+def with_targets(batch: Batch) -> Batch:
+  """The batch with next-token targets, weighted 1 where the target is in its input's segment."""
+  x_BxL, segment_ids_BxL = batch['x'], batch['segment_ids']
+  y_BxL = np.pad(x_BxL[:, 1:], ((0, 0), (0, 1)))
+  next_segment_ids_BxL = np.pad(segment_ids_BxL[:, 1:], ((0, 0), (0, 1)))
+  # Padding (segment 0) and the first token of the next document are never targets.
+  weights_BxL = (next_segment_ids_BxL == segment_ids_BxL) & (segment_ids_BxL != 0)
+  return {**batch, 'y': y_BxL, 'weights': weights_BxL.astype(np.float32)}
+
+
 def read_rows(ids: np.ndarray, rows: Rows, L: int, r_B: np.ndarray) -> Batch:
   """Rows r_B as a batch."""
   read = [read_row(ids, rows, L, r) for r in r_B]
-  return {k: np.stack([row[k] for row in read]) for k in read[0]}
+  return with_targets({k: np.stack([row[k] for row in read]) for k in read[0]})
+
+
+def global_batch(local: Batch, sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """One global batch on the mesh from each process's rows (with one process: a device_put)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
 def _mine(batch_size: int, shard: grain.sharding.ShardOptions) -> slice:
@@ -114,7 +136,19 @@ def as_batch(x_BxL: np.ndarray) -> Batch:
   """Rows of one document each (0: padding), as a batch."""
   x_BxL = np.asarray(x_BxL, np.int32)
   positions_BxL = np.broadcast_to(np.arange(x_BxL.shape[1], dtype=np.int32), x_BxL.shape)
-  return {'x': x_BxL, 'segment_ids': (x_BxL != 0).astype(np.int32), 'positions': positions_BxL}
+  segment_ids_BxL = (x_BxL != 0).astype(np.int32)
+  return with_targets({'x': x_BxL, 'segment_ids': segment_ids_BxL, 'positions': positions_BxL})
+
+
+def load_tokens(
+  split: sources.Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: int
+) -> Tokens:
+  """A split's tokens from the token cache; process 0 builds it while the others wait."""
+  if jax.process_index() == 0:
+    token_cache.load(split, sp, cache_dir, workers)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'token cache of {split.name}')
+  return token_cache.load(split, sp, cache_dir, workers)
 
 
 def train_rows(tokens: Tokens, L: int, packing: str) -> Rows:
@@ -129,13 +163,14 @@ def train_dataset(
   L: int,
   batch_size: int,
   seed: int,
-  packing: str = 'packed',
+  packing: str,
   shard: grain.sharding.ShardOptions = ONE_PROCESS,
+  sharding: jax.sharding.NamedSharding | None = None,
 ) -> grain.IterDataset:
   """This shard's part of every global batch of batch_size rows, shuffled anew every epoch.
 
   All processes shuffle alike and each reads only its slice of every batch: the global batches
-  do not depend on the number of processes.
+  do not depend on the number of processes. With a sharding, the global batches on its mesh.
   """
   rows = train_rows(tokens, L, packing)
   if len(rows) < batch_size:
@@ -146,7 +181,8 @@ def train_dataset(
   mine = _mine(batch_size, shard)
   ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.map(lambda r_B: read_rows(tokens.ids, rows, L, r_B[mine])).to_iter_dataset()
+  ds = ds.map(lambda r_B: read_rows(tokens.ids, rows, L, r_B[mine])).to_iter_dataset()
+  return ds if sharding is None else ds.map(functools.partial(global_batch, sharding=sharding))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,85 +1,60 @@
-"""Held-out loss, perplexity and bits per byte."""
+"""Held-out loss, perplexity and bits per byte, during training or of a trained run."""
 
-import functools
 import math
+from collections.abc import Callable
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from nanodo import sharding
-from nanodo.data import EvalData
-from nanodo.optimizer import PyTree
+from nanodo import data, sharding, sources, update, workdir
 from nanodo.progress import Progress
-
-
-def get_in_out(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Inputs, next-token targets and weights: 1 where the target is in the input's own segment."""
-  x_BxL, segment_ids_BxL = batch['x'], batch['segment_ids']
-  y_BxL = jnp.pad(x_BxL[:, 1:], ((0, 0), (0, 1)))
-  next_segment_ids_BxL = jnp.pad(segment_ids_BxL[:, 1:], ((0, 0), (0, 1)))
-  # Padding (segment 0) and the first token of the next document are never targets.
-  weights_BxL = (next_segment_ids_BxL == segment_ids_BxL) & (segment_ids_BxL != 0)
-  return x_BxL, y_BxL, weights_BxL.astype(jnp.float32)
-
-
-def logits(graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-  """The model's logits on a batch, attention and positions within each segment."""
-  model = nnx.merge(graphdef, params)
-  return model(batch['x'], batch['segment_ids'], batch['positions'])
-
-
-def token_nll(logits_BxLxV: jax.Array, y_BxL: jax.Array) -> jax.Array:
-  """Negative log-likelihood of each target, in nats."""
-  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  logit_y_BxL = jnp.take_along_axis(logits_BxLxV, y_BxL[..., None], axis=-1)[..., 0]
-  return logz_BxL - logit_y_BxL
-
-
-def eval_step(
-  params: PyTree, batch: dict[str, jax.Array], graphdef: nnx.GraphDef
-) -> dict[str, jax.Array]:
-  """Sums of the held-out NLL, its square and the target count over one batch."""
-  _, y_BxL, weights_BxL = get_in_out(batch)
-  nll_BxL = token_nll(logits(graphdef, params, batch), y_BxL) * weights_BxL
-  return {'nll': nll_BxL.sum(), 'nll_sq': jnp.square(nll_BxL).sum(), 'count': weights_BxL.sum()}
-
-
-@functools.lru_cache(maxsize=4)
-def _jitted_eval_step(graphdef: nnx.GraphDef) -> callable:
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+from nanodo.tree import PyTree
 
 
 def evaluate(
-  graphdef: nnx.GraphDef,
+  eval_step: Callable[[PyTree, update.Batch], update.Metrics],
   params: PyTree,
-  data: EvalData,
-  batch_sharding: jax.sharding.Sharding,
-  progress: Progress | None = None,
+  eval_data: data.EvalData,
+  batch_sharding: jax.sharding.NamedSharding,
+  progress: Progress,
 ) -> dict[str, float]:
   """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
-  step = _jitted_eval_step(graphdef)
-  task = progress.add('eval', len(data.batches)) if progress else None
-  sums = []
-  for b in data.batches:
-    sums.append(step(params, sharding.global_batch(b, batch_sharding)))
+  task, sums = progress.add('eval', len(eval_data.batches)), []
+  for b in eval_data.batches:
+    sums.append(eval_step(params, data.global_batch(b, batch_sharding)))
     # One step runs while the next is prepared, no more: many steps in flight, each with its
     # cross-process collectives, deadlocked two processes on CPU (Gloo).
     if len(sums) > 1:
       jax.block_until_ready(sums[-2])
-    if task is not None:
-      progress.update(task, len(sums) - 1)
-  if task is not None:
-    progress.remove(task)
-  nll, nll_sq, count = (
-    float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in ('nll', 'nll_sq', 'count')
-  )
+    progress.update(task, len(sums) - 1)
+  progress.remove(task)
+  total = lambda k: float(np.sum([s[k] for s in sums], dtype=np.float64))
+  nll, nll_sq, count = total('loss'), total('loss_sq'), total('count')
   loss = nll / count
   stderr = math.sqrt(max(nll_sq / count - loss**2, 0.0) / count)
+  bits_per_byte = nll / math.log(2) / eval_data.num_bytes
   return {
     'loss': loss,
     'loss_stderr': stderr,
     'perplexity': math.exp(loss),
-    'bits_per_byte': nll / math.log(2) / data.num_bytes,
+    'bits_per_byte': bits_per_byte,
   }
+
+
+def evaluate_run(path: str, step: int | None = None) -> tuple[workdir.Run, dict[str, float]]:
+  """A run's checkpoint (default: the latest) and its metrics on the run's held-out split."""
+  run = workdir.load(path, step)
+  c = run.config
+  if c.eval_batch_size % jax.device_count():
+    here = f'the {jax.device_count()} devices here'
+    raise ValueError(f"The run's eval_batch_size={c.eval_batch_size} is not divisible by {here}.")
+  split = sources.get_split(c, 'eval')
+  tokens = data.load_tokens(split, run.sp, workdir.cache_dir(c), c.tokenize_workers)
+  eval_data = data.eval_data(
+    tokens, run.cfg.L, c.eval_batch_size, grain.sharding.ShardByJaxProcess()
+  )
+  eval_step = update.jit_eval_step(run.graphdef, c.cross_entropy_block_size)
+  batch_sharding = sharding.batch_sharding(sharding.make_mesh(1, jax.device_count()))
+  with Progress() as progress:
+    return run, evaluate(eval_step, run.params, eval_data, batch_sharding, progress)

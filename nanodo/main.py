@@ -1,15 +1,13 @@
 """Entry point: `nanodo [train] --config=...` trains; `sample`, `eval` and `plot` read a workdir."""
 
-import os
 import re
 import sys
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nanodo import data, evaluate, host, sample, sharding, sources, token_cache, train, validate
+from nanodo import evaluate, host, sample, sharding, train, validate, workdir
 from nanodo.progress import Progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
@@ -69,56 +67,32 @@ def _prompts() -> list[str]:
 
 
 def _sample(argv: list[str]) -> None:
-  workdir = _one_workdir(argv)
+  path = _one_workdir(argv)
   try:
     sampling = sample.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     prompts = _prompts()
     sample.check_request(prompts, _MAX_NEW_TOKENS.value, _NUM_SAMPLES.value)
-    model = sample.load(workdir, _STEP.value)
+    model = workdir.load(path, _STEP.value)
     # Samples stream to stdout; on a terminal that is the progress, so stderr gets plain lines.
     with Progress(sys.stderr, bar=sys.stderr.isatty() and not sys.stdout.isatty()) as progress:
+      n, seed, printer = _NUM_SAMPLES.value, _SEED.value, sample.Printer(model.sp)
+      kwargs = {'num_samples': n, 'seed': seed, 'printer': printer, 'progress': progress}
       sample.sample(
-        model,
-        prompts,
-        max_new_tokens=_MAX_NEW_TOKENS.value,
-        sampling=sampling,
-        num_samples=_NUM_SAMPLES.value,
-        seed=_SEED.value,
-        printer=sample.Printer(model.sp),
-        progress=progress,
+        model, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling, **kwargs
       )
   except ValueError as e:
     sys.exit(f'error: {e}')
 
 
 def _eval(argv: list[str]) -> None:
-  workdir = _one_workdir(argv)
+  path = _one_workdir(argv)
   try:
-    model = sample.load(workdir, _STEP.value)
-    c = ml_collections.ConfigDict(model.config)
-    if c.eval_batch_size % jax.device_count():
-      raise ValueError(
-        f"The run's eval_batch_size={c.eval_batch_size} is not divisible by "
-        f'the {jax.device_count()} devices here.'
-      )
-    cache_dir = c.cache_dir or os.path.join(workdir, 'token_cache')
-    tokens = token_cache.load(sources.get_split(c, 'eval'), model.sp, cache_dir, c.tokenize_workers)
-    eval_data = data.eval_data(tokens, model.cfg.L, c.eval_batch_size)
-    with Progress() as progress:
-      result = evaluate.evaluate(
-        model.graphdef,
-        model.params,
-        eval_data,
-        sharding.batch_sharding(sharding.make_mesh()),
-        progress,
-      )
+    run, r = evaluate.evaluate_run(path, _STEP.value)
   except ValueError as e:
     sys.exit(f'error: {e}')
-  print(
-    f'step {model.step} held-out ({c.ds_name}): loss {result["loss"]:.4f} '
-    f'± {result["loss_stderr"]:.4f}, perplexity {result["perplexity"]:.2f}, '
-    f'bits per byte {result["bits_per_byte"]:.4f}'
-  )
+  loss = f'loss {r["loss"]:.4f} ± {r["loss_stderr"]:.4f}, perplexity {r["perplexity"]:.2f}'
+  bpb = f'bits per byte {r["bits_per_byte"]:.4f}'
+  print(f'step {run.step} held-out ({run.config.ds_name}): {loss}, {bpb}')
 
 
 def _plot(argv: list[str]) -> None:

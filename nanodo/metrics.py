@@ -13,54 +13,22 @@ import uuid
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tensorboardX
 
-from nanodo import optimizer
-from nanodo.optimizer import PyTree
+from nanodo import workdir
+from nanodo.progress import Progress, fmt, log
+from nanodo.tree import PyTree, path_str
 
 EMBEDDINGS = r'^(embed_VxD|pos_LxD|head_DxV)$'
-PACKAGES = (
-  'nanodo',
-  'jax',
-  'jaxlib',
-  'flax',
-  'optax',
-  'orbax-checkpoint',
-  'grain',
-  'numpy',
-  'sentencepiece',
-)
-
-
-def global_norm(tree: PyTree) -> jax.Array:
-  """L2 norm over every array of a pytree, in float32."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def tree_stats(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
-  """rms, mean and std of each array, keyed 'prefix/path/stat' (path as in the model's state).
-
-  A captured module output's path ends at the module ('blocks/0/mlp'); the model's own is
-  'output'.
-  """
-  stats = {}
-  for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    name = optimizer.path_str(path).split('__call__')[0].strip('/') or 'output'
-    x = x.astype(jnp.float32)
-    # std in two passes: rms² - mean² cancels for values far from 0 (LayerNorm scales near 1).
-    stats |= {
-      f'{prefix}/{name}/rms': jnp.sqrt(jnp.mean(jnp.square(x))),
-      f'{prefix}/{name}/mean': jnp.mean(x),
-      f'{prefix}/{name}/std': jnp.std(x),
-    }
-  return stats
+PACKAGES = 'nanodo jax jaxlib flax optax orbax-checkpoint grain numpy sentencepiece'.split()
 
 
 def param_counts(params: PyTree) -> dict[str, int]:
   """Parameters in all, in the embeddings (token, position, an untied output head), in the rest."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   total = sum(x.size for _, x in leaves)
-  embedding = sum(x.size for path, x in leaves if re.search(EMBEDDINGS, optimizer.path_str(path)))
+  embedding = sum(x.size for path, x in leaves if re.search(EMBEDDINGS, path_str(path)))
   return {'all': total, 'embedding': embedding, 'non_embedding': total - embedding}
 
 
@@ -99,41 +67,22 @@ def versions() -> dict[str, str]:
 
 def git_commit() -> str | None:
   """The git commit of nanodo's source ('+dirty' with uncommitted changes); None outside git."""
-  source = os.path.dirname(os.path.abspath(__file__))
+  git = lambda *args: subprocess.run(
+    ['git', *args], cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=10
+  ).stdout.strip()
   try:
-    commit = subprocess.run(
-      ['git', 'rev-parse', 'HEAD'],
-      cwd=source,
-      capture_output=True,
-      text=True,
-      timeout=10,
-      check=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ['git', 'status', '--porcelain', '--untracked-files=no'],
-      cwd=source,
-      capture_output=True,
-      text=True,
-      timeout=10,
-      check=True,
-    ).stdout.strip()
+    commit, dirty = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no')
   except (OSError, subprocess.SubprocessError):
     return None
-  return commit + ('+dirty' if dirty else '')
+  return (commit + ('+dirty' if dirty else '')) or None
 
 
-def log(message: str) -> None:
-  """Prints a line from process 0 only: the other processes of a run would repeat it."""
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def drop_rows_after(workdir: str, step: int) -> None:
+def drop_rows_after(workdir_path: str, step: int) -> None:
   """Rewrites workdir/metrics.jsonl without the rows of later steps and without a torn last line.
 
   A resumed run then logs each step once. The file is replaced atomically.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir_path, workdir.METRICS)
   if not os.path.exists(path):
     return
   with open(path, encoding='utf-8') as f:
@@ -162,7 +111,7 @@ class Writer:
 
   def __init__(self, c: ml_collections.ConfigDict, step: int):
     self.is_main = jax.process_index() == 0
-    self.path = os.path.join(c.workdir, 'metrics.jsonl')
+    self.path = os.path.join(c.workdir, workdir.METRICS)
     self._file = self._tb = self._wandb = None
     if not self.is_main:
       return
@@ -176,7 +125,7 @@ class Writer:
       'versions': versions(),
       'git_commit': git_commit(),
     }
-    with open(os.path.join(c.workdir, 'hparams.jsonl'), 'a', encoding='utf-8') as f:
+    with open(os.path.join(c.workdir, workdir.HPARAMS), 'a', encoding='utf-8') as f:
       f.write(json.dumps(hparams) + '\n')
     for key in ('config', 'versions', 'git_commit'):
       self._tb.add_text(f'hparams/{key}', f'```\n{json.dumps(hparams[key], indent=2)}\n```', step)
@@ -210,7 +159,7 @@ def _wandb_run(c: ml_collections.ConfigDict, hparams: dict) -> object:
   """A W&B run named after the workdir; its id is kept there so that a resumed run continues it."""
   import wandb  # Only when configured: an optional dependency.
 
-  id_path = os.path.join(c.workdir, 'wandb_run_id')
+  id_path = os.path.join(c.workdir, workdir.WANDB_ID)
   if os.path.exists(id_path):
     with open(id_path, encoding='utf-8') as f:
       run_id = f.read().strip()
@@ -232,3 +181,61 @@ def _wandb_run(c: ml_collections.ConfigDict, hparams: dict) -> object:
     resume='allow',
     name=os.path.basename(os.path.abspath(c.workdir)),
   )
+
+
+class StepLogger:
+  """Logs each step's metrics one step late, with the wall-clock tokens/s and MFU.
+
+  The host reads step n's metrics while the device runs step n + 1. A step's time runs from the
+  log of the step before it; restart() starts the clock anew after work that is no step's.
+  """
+
+  # The step metrics shown on the console (all of them go to the metrics files).
+  CONSOLE = ('loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'mfu')
+
+  def __init__(
+    self, c: ml_collections.ConfigDict, step: int, flops_per_token: float, progress: Progress
+  ):
+    self.writer, self.progress, self.log_every = Writer(c, step), progress, c.log_every_steps
+    self.task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
+    self.tokens_per_step = c.batch_size * c.model.L
+    self.flops_per_token = flops_per_token
+    self.peak_flops = c.peak_tflops * 1e12 or matmul_flops_per_sec() * jax.device_count()
+    self.pending: tuple[int, dict[str, jax.Array]] | None = None
+    self.restart()
+
+  def restart(self) -> None:
+    self.t_last = time.time()
+
+  def push(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+    """Logs the step before, whose metrics are ready by now, and holds this one."""
+    self.flush()
+    self.pending = (step, step_metrics)
+
+  def flush(self) -> None:
+    """Logs the held step (waiting for it); FloatingPointError if a metric is not finite."""
+    if self.pending is None:
+      return
+    step, values = self.pending[0], jax.device_get(self.pending[1])
+    self.pending = None
+    values = {k: float(v) for k, v in values.items()}
+    # Stops before a non-finite state is logged as good or saved over a good checkpoint.
+    if bad := [f'{k} is {v}' for k, v in values.items() if not np.isfinite(v)]:
+      kept = 'Stopped without saving this state; the checkpoints of earlier steps are kept.'
+      raise FloatingPointError(f'Training diverged at step {step}: {", ".join(bad)}. {kept}')
+    now = time.time()
+    values['tokens_per_sec'] = self.tokens_per_step / max(now - self.t_last, 1e-9)
+    # Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak.
+    values['mfu'] = values['tokens_per_sec'] * self.flops_per_token / self.peak_flops
+    self.writer.write(step, values, flush=step % self.log_every == 0)
+    self.progress.update(self.task, step, {k: values[k] for k in self.CONSOLE})
+    self.t_last = now
+
+  def evaluation(self, step: int, result: dict[str, float]) -> None:
+    """Writes and shows held-out metrics; the next step's clock starts after them."""
+    self.writer.write(step, {f'eval_{k}': v for k, v in result.items()})
+    log(f'eval at step {step} | ' + ' | '.join(f'{k} {fmt(v)}' for k, v in result.items()))
+    self.restart()
+
+  def close(self) -> None:
+    self.writer.close()

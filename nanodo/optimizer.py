@@ -4,15 +4,15 @@ Parameters are selected by their path, e.g. 'blocks/0/attn/wq_DxHxK', with regul
 """
 
 import re
-from typing import Any
 
 import jax
 import ml_collections
 import optax
 
+from nanodo.tree import PyTree, path_str
+
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
 SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant', 'wsd')
-PyTree = Any  # a nested structure of arrays
 
 
 def get_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
@@ -41,11 +41,6 @@ def get_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
   else:
     raise ValueError(f'opt.decay_type={o.decay_type!r} is not valid; valid: {SCHEDULES}.')
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
-
-
-def path_str(path: tuple) -> str:
-  """'blocks/0/attn/wq_DxHxK' for a parameter's tree path."""
-  return jax.tree_util.keystr(path, simple=True, separator='/').removesuffix('/value')
 
 
 def decay_mask(params: PyTree, exclude: str) -> PyTree:

@@ -9,6 +9,8 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nanodo.workdir import METRICS, run_config
+
 # The image: inches at DPI dots per inch (1500 x 850 pixels).
 WIDTH, HEIGHT, DPI = 15.0, 8.5, 100
 
@@ -27,15 +29,10 @@ class Run:
 
 def read_run(workdir: str, name: str) -> Run:
   """A workdir's metrics; of a step logged twice (a resumed run repeats steps) the last wins."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isdir(workdir):
-    raise ValueError(f'workdir={workdir!r} does not exist.')
-  if not os.path.exists(path):
-    raise ValueError(f'workdir={workdir!r} has no metrics.jsonl: not a nanodo training directory.')
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    raise ValueError(f'workdir={workdir!r} has no config.json: not a nanodo training directory.')
-  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
-    c = json.load(f)
+  path = os.path.join(workdir, METRICS)
+  if os.path.isdir(workdir) and not os.path.exists(path):
+    raise ValueError(f'workdir={workdir!r} has no {METRICS}: not a nanodo training directory.')
+  c = run_config(workdir)
   values: dict[str, dict[int, float]] = {}
   with open(path, encoding='utf-8') as f:
     for line in f:
@@ -51,7 +48,7 @@ def read_run(workdir: str, name: str) -> Run:
   series = {
     k: (np.asarray(sorted(v)), np.asarray([v[s] for s in sorted(v)])) for k, v in values.items()
   }
-  return Run(name, series, c['batch_size'] * c['model']['L'])
+  return Run(name, series, c.batch_size * c.model.L)
 
 
 def _names(workdirs: list[str]) -> list[str]:

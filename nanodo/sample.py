@@ -2,8 +2,6 @@
 
 import dataclasses
 import functools
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,10 +13,11 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from nanodo import checkpoint, sharding, tokenizer, train
-from nanodo.model import LayerCache, ModelConfig, TransformerDecoder, init_cache
-from nanodo.optimizer import PyTree
+from nanodo import tokenizer
+from nanodo.model import LayerCache, ModelConfig, TransformerDecoder
 from nanodo.progress import Progress
+from nanodo.tree import PyTree
+from nanodo.workdir import Run
 
 # Called with the step and each row's new token (PAD once a row has ended), as they are made.
 OnToken = Callable[[np.ndarray, np.ndarray], None]
@@ -41,56 +40,6 @@ class Sampling:
       raise ValueError(f'top_k={self.top_k} is not valid: must be >= 0 (0: no cut).')
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-  """A restored checkpoint: model config, graph, parameters, tokenizer, step and run config."""
-
-  cfg: ModelConfig
-  graphdef: nnx.GraphDef
-  params: PyTree
-  sp: spm.SentencePieceProcessor
-  step: int
-  config: dict  # the run's config.json
-
-
-def _tokenizer(workdir: str, c: dict) -> spm.SentencePieceProcessor:
-  """The run's vocab_path; else the tokenizer trained into its workdir (or restore dir)."""
-  if c['vocab_path']:
-    return tokenizer.load(c['vocab_path'])
-  for d in (workdir, c['checkpoint_restore_dir']):
-    if d and os.path.exists(os.path.join(d, train.TOKENIZER_FILE)):
-      return tokenizer.load(os.path.join(d, train.TOKENIZER_FILE))
-  raise ValueError(f'workdir={workdir!r} has neither {train.TOKENIZER_FILE} nor a vocab_path.')
-
-
-def load(workdir: str, step: int | None = None) -> Model:
-  """The parameters of a checkpoint (default: the latest) placed on the current device mesh."""
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isdir(workdir):
-    raise ValueError(f'workdir={workdir!r} does not exist.')
-  if not os.path.exists(config_path):
-    raise ValueError(f'workdir={workdir!r} has no config.json: not a nanodo training directory.')
-  with open(config_path, encoding='utf-8') as f:
-    c = json.load(f)
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  mngr = checkpoint.manager(checkpoints)
-  try:
-    steps = sorted(mngr.all_steps()) if os.path.isdir(checkpoints) else []
-    if not steps:
-      raise ValueError(f'workdir={workdir!r} has no checkpoint yet; train first.')
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise ValueError(f'step={step} has no checkpoint in {workdir!r}; saved steps: {steps}.')
-    sp = _tokenizer(workdir, c)
-    cfg = ModelConfig(V=sp.vocab_size(), **c['model'])
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0))))
-    shardings = sharding.state_shardings(abstract, sharding.make_mesh())
-    params = checkpoint.restore_params(mngr, step, abstract, shardings)
-  finally:
-    mngr.close()
-  return Model(cfg, graphdef, params, sp, step, c)
-
-
 def check_request(prompts: list[str], max_new_tokens: int, num_samples: int) -> None:
   """Raises ValueError for a request that cannot work, before any model is loaded."""
   if not prompts or not all(prompts):
@@ -99,6 +48,12 @@ def check_request(prompts: list[str], max_new_tokens: int, num_samples: int) -> 
     raise ValueError(f'max_new_tokens={max_new_tokens} is not valid: must be a positive integer.')
   if num_samples < 1:
     raise ValueError(f'num_samples={num_samples} is not valid: must be a positive integer.')
+
+
+def init_cache(cfg: ModelConfig, B: int) -> list[LayerCache]:
+  """An empty KV cache of every layer for B sequences of up to L tokens."""
+  shape = (B, cfg.L, cfg.KV or cfg.H, cfg.D // cfg.H)
+  return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.N)]
 
 
 def encode_prompts(
@@ -159,16 +114,16 @@ def _decode_step(
   carry: Carry,
 ) -> Carry:
   """Records each row's token, then feeds it through the model (one position) for the next."""
-  step, token_B, pos_B, done_B, out_BxN, cache = carry
+  step, token_B, pos_B, done_B, out_BxS, cache = carry
   token_B = jnp.where(done_B, tokenizer.PAD_ID, token_B)
-  out_BxN = out_BxN.at[:, step].set(token_B)
+  out_BxS = out_BxS.at[:, step].set(token_B)
   if on_token is not None:
     # Unordered: ordered effects need a single device; the step tells the order.
     jax.debug.callback(on_token, step, token_B)
   done_B = done_B | (token_B == eos_id)
   logits_Bx1xV, cache = model.decode(token_B[:, None], pos_B[:, None], cache)
   token_B = next_token(logits_Bx1xV[:, 0], keys_B, step + 1, sampling)
-  return step + 1, token_B, pos_B + 1, done_B, out_BxN, cache
+  return step + 1, token_B, pos_B + 1, done_B, out_BxS, cache
 
 
 def _running(max_new_tokens: int, carry: Carry) -> jax.Array:
@@ -197,8 +152,8 @@ def generate(
   pos_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
   logits_BxPxV, cache = model.decode(prompt_BxP, pos_BxP, init_cache(model.cfg, B))
   token_B = next_token(logits_BxPxV[jnp.arange(B), length_B - 1], keys_B, 0, sampling)
-  out_BxN = jnp.full((B, max_new_tokens), tokenizer.PAD_ID, jnp.int32)
-  carry = (0, token_B, length_B, jnp.zeros(B, bool), out_BxN, cache)
+  out_BxS = jnp.full((B, max_new_tokens), tokenizer.PAD_ID, jnp.int32)
+  carry = (0, token_B, length_B, jnp.zeros(B, bool), out_BxS, cache)
   carry = jax.lax.while_loop(
     functools.partial(_running, max_new_tokens),
     functools.partial(_decode_step, model, keys_B, sampling, eos_id, on_token),
@@ -241,7 +196,7 @@ class Printer:
 
 
 def sample(
-  model: Model,
+  model: Run,
   prompts: list[str],
   *,
   max_new_tokens: int,
@@ -271,10 +226,10 @@ def sample(
   )
   task = progress.add('sample', len(rows), every=1) if progress else None
   if printer is None:
-    out_BxN = np.asarray(run(prompt_BxP, length_B, keys_B))
+    out_BxS = np.asarray(run(prompt_BxP, length_B, keys_B))
     if progress:
-      progress.update(task, len(rows), {'tokens': np.sum(out_BxN != tokenizer.PAD_ID)})
-    return [to_text(model.sp, ids) for ids in out_BxN.tolist()]
+      progress.update(task, len(rows), {'tokens': np.sum(out_BxS != tokenizer.PAD_ID)})
+    return [to_text(model.sp, ids) for ids in out_BxS.tolist()]
   texts, tokens, first = [], [], 0.0
   for b, prompt in enumerate(rows):
     printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', prompt)

@@ -6,14 +6,17 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanodo import metrics
-from nanodo.model import BATCH, DATA, FSDP
-from nanodo.optimizer import PyTree
+from nanodo.progress import log
+from nanodo.tree import PyTree
+
+# FSDP: every weight is sharded over the 'fsdp' mesh axis along one dimension, and copied
+# over the 'data' axis (data parallel). Batches are split along B over every device.
+FSDP, DATA = 'fsdp', 'data'
+BATCH = (DATA, FSDP)
 
 
 def launched_as_one_of_several() -> bool:
@@ -62,12 +65,9 @@ def initialize_distributed(d: ml_collections.ConfigDict) -> None:
   # JAX aborts the process when the coordinator never answers: check it can be reached first.
   if address and process_id:
     _wait_for(address, d.initialization_timeout)
-  if process_id == 0:
-    print(
-      f'Process 0 of {num_processes}: waiting up to {d.initialization_timeout} s for the '
-      f'others at {address}.',
-      flush=True,
-    )
+  if process_id == 0:  # not log(): JAX may not ask for the process index before this joins
+    wait = f'waiting up to {d.initialization_timeout} s for the others at {address}'
+    print(f'Process 0 of {num_processes}: {wait}.', flush=True)
   jax.distributed.initialize(
     address, num_processes, process_id, initialization_timeout=d.initialization_timeout
   )
@@ -88,7 +88,7 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   return data, fsdp
 
 
-def make_mesh(data: int = 1, fsdp: int = -1) -> jax.sharding.Mesh:
+def make_mesh(data: int, fsdp: int) -> jax.sharding.Mesh:
   """The ('data', 'fsdp') mesh over every device of every process.
 
   Auto axes (not jax.make_mesh's Explicit default): jit propagates the declared shardings
@@ -101,11 +101,6 @@ def make_mesh(data: int = 1, fsdp: int = -1) -> jax.sharding.Mesh:
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Batches are split along B over every device."""
   return NamedSharding(mesh, P(BATCH))
-
-
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """One global batch on the mesh from each process's rows (with one process: a device_put)."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
 def _fits(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
@@ -147,7 +142,7 @@ def state_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
 
   shardings = jax.tree_util.tree_map_with_path(sharding, abstract_state)
   if replicated:
-    metrics.log(
+    log(
       f'Replicated, as a dimension does not divide its mesh axis {dict(mesh.shape)}: '
       f'{", ".join(sorted(replicated))}.'
     )

@@ -1,190 +1,161 @@
-"""The training objective and one optimizer update on it, jitted with the state's shardings."""
+"""The training objective, one optimizer update on it and the held-out sums, jitted on the mesh."""
 
+import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanodo import cross_entropy, data, evaluate, metrics, sharding
+from nanodo import cross_entropy, optimizer, sharding, tree
 from nanodo.model import ModelConfig, TransformerDecoder
-from nanodo.optimizer import PyTree
+from nanodo.tree import PyTree
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """How a train step computes its loss and gradient: the run config's keys of the same names."""
+
+  label_smoothing: float
+  z_loss: float
+  cross_entropy_block_size: int
+  grad_accumulation_steps: int
+  log_internal_metrics: bool  # per-layer statistics
+
+  @classmethod
+  def of(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
+    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
 
 
 def loss_fn(
-  params: PyTree,
-  graphdef: nnx.GraphDef,
-  batch: data.Batch,
-  label_smoothing: float = 0.0,
-  z_loss: float = 0.0,
-  layer_stats: bool = False,
-  cross_entropy_block_size: int = cross_entropy.BLOCK_SIZE,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The training objective and its parts, each a mean over targets in their input's document.
+  params: PyTree, graphdef: nnx.GraphDef, batch: Batch, opts: StepConfig
+) -> tuple[jax.Array, tuple[Metrics, Metrics, jax.Array]]:
+  """The objective summed over the batch's targets; its parts (sums), layer statistics, count.
 
-  The parts are those of cross_entropy.losses, with layer_stats also the statistics of every
-  module's output. The logits exist cross_entropy_block_size tokens at a time.
+  The parts are those of cross_entropy.losses; the statistics those of every module's output
+  when opts.log_internal_metrics. The logits exist cross_entropy_block_size tokens at a time.
   """
-  _, y_BxL, weights_BxL = evaluate.get_in_out(batch)
   model = nnx.merge(graphdef, params)
-  inputs = (batch['x'], batch['segment_ids'], batch['positions'])
-  stats = {}
-  if layer_stats:
+  inputs, stats = (batch['x'], batch['segment_ids'], batch['positions']), {}
+  if opts.log_internal_metrics:
     capture = nnx.capture(model.hidden, nnx.Intermediate, method_outputs=nnx.Intermediate)
     h_BxLxD, outputs = capture(*inputs)
     # All the logits at once, for their statistics only: the loss takes them a block at a time.
     logits_BxLxV = jax.lax.stop_gradient(model.project(h_BxLxD))
-    stats = metrics.tree_stats('act', outputs) | metrics.tree_stats('act', {'output': logits_BxLxV})
+    stats = tree.stats('act', outputs) | tree.stats('act', {'output': logits_BxLxV})
   else:
     h_BxLxD = model.hidden(*inputs)
+  extras = cross_entropy.Extras(opts.label_smoothing, opts.z_loss, squares=False)
   objective, parts = cross_entropy.blockwise(
-    h_BxLxD, model.out_VxD(), y_BxL, weights_BxL, label_smoothing, z_loss, cross_entropy_block_size
+    h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], extras, opts.cross_entropy_block_size
   )
-  count = jnp.maximum(jnp.sum(weights_BxL), 1.0)
-  return objective / count, {k: v / count for k, v in parts.items()} | stats
-
-
-def _weighted_grads(
-  params: PyTree,
-  batch: data.Batch,
-  *,
-  graphdef: nnx.GraphDef,
-  label_smoothing: float,
-  z_loss: float,
-  layer_stats: bool,
-  cross_entropy_block_size: int,
-) -> tuple[PyTree, dict[str, jax.Array], jax.Array]:
-  """Gradient and loss parts of one micro-batch, each times its number of targets; that number.
-
-  Weighted by their targets, micro-batches add up to exactly the mean over the whole batch.
-  """
-  count = jnp.sum(evaluate.get_in_out(batch)[2])
-  weighted = lambda p: jax.tree.map(
-    lambda v: v * count,
-    loss_fn(p, graphdef, batch, label_smoothing, z_loss, layer_stats, cross_entropy_block_size),
-  )
-  (_, parts), grads = jax.value_and_grad(weighted, has_aux=True)(params)
-  return grads, parts, count
-
-
-def _accumulate(sums: tuple, batch: data.Batch, *, params: PyTree, **kwargs) -> tuple[tuple, None]:
-  """The running sums of _weighted_grads with one more micro-batch added."""
-  return jax.tree.map(jnp.add, sums, _weighted_grads(params, batch, **kwargs)), None
+  return objective, (parts, stats, jnp.sum(batch['weights']))
 
 
 def train_step(
   state: PyTree,
-  batch: data.Batch,
+  batch: Batch,
   *,
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
-  label_smoothing: float = 0.0,
-  z_loss: float = 0.0,
-  layer_stats: bool = False,
-  grad_accumulation_steps: int = 1,
-  cross_entropy_block_size: int = cross_entropy.BLOCK_SIZE,
-) -> tuple[PyTree, dict[str, jax.Array]]:
+  opts: StepConfig,
+) -> tuple[PyTree, Metrics]:
   """One optimizer update on the mean loss over a batch: new state and the step's metrics.
 
   The batch goes through the model as grad_accumulation_steps micro-batches (A), the first on
-  its own, the others in a scan (none when A is 1): their gradients are summed in one jit.
-  With layer_stats, the metrics hold per-layer statistics too (of activations: a mean over the
-  micro-batches).
+  its own, the others in a scan (none when A is 1). Their sums add up, and are divided by the
+  number of targets once: the mean over the whole batch. Layer statistics are means over the
+  micro-batches.
   """
-  A = grad_accumulation_steps
+  A, params = opts.grad_accumulation_steps, state['params']
   # Micro-batch i takes rows i, i + A, i + 2A, ...: each device's rows stay on the device.
   micro = jax.tree.map(lambda v_BxL: v_BxL.reshape(-1, A, v_BxL.shape[1]).swapaxes(0, 1), batch)
-  kwargs = {
-    'graphdef': graphdef,
-    'label_smoothing': label_smoothing,
-    'z_loss': z_loss,
-    'layer_stats': layer_stats,
-    'cross_entropy_block_size': cross_entropy_block_size,
-  }
-  sums = _weighted_grads(state['params'], jax.tree.map(lambda v: v[0], micro), **kwargs)
+  sums_of = functools.partial(jax.grad(loss_fn, has_aux=True), graphdef=graphdef, opts=opts)
+  sums = sums_of(params, batch=jax.tree.map(lambda v: v[0], micro))
   if A > 1:
-    sums, _ = jax.lax.scan(
-      functools.partial(_accumulate, params=state['params'], **kwargs),
-      sums,
-      jax.tree.map(lambda v: v[1:], micro),
-    )
-  grads, parts, count = sums
+    add = lambda total, b: (jax.tree.map(jnp.add, total, sums_of(params, batch=b)), None)
+    sums, _ = jax.lax.scan(add, sums, jax.tree.map(lambda v: v[1:], micro))
+  grads, (parts, stats, count) = sums
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
-  parts = {k: v / count for k, v in parts.items()}
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
+  updates, opt_state = tx.update(grads, state['opt_state'], params)
+  params = optax.apply_updates(params, updates)
   learning_rate = schedule(state['step'])
-  step_metrics = {
-    **parts,
+  step_metrics = {k: v / count for k, v in parts.items()} | {k: v / A for k, v in stats.items()}
+  step_metrics |= {
     'learning_rate': learning_rate,
-    'grad_norm': metrics.global_norm(grads),
-    'update_norm': metrics.global_norm(updates),
-    'param_norm': metrics.global_norm(params),
+    'grad_norm': tree.global_norm(grads),
+    'update_norm': tree.global_norm(updates),
+    'param_norm': tree.global_norm(params),
   }
-  if layer_stats:
+  if opts.log_internal_metrics:
     # Updates without the learning rate's factor, as the original nanodo logged them.
     scaled = jax.tree.map(lambda u: u / (learning_rate + 1e-20), updates)
-    step_metrics |= (
-      metrics.tree_stats('grads', grads)
-      | metrics.tree_stats('params', params)
-      | metrics.tree_stats('updates', scaled)
-    )
+    step_metrics |= tree.stats('grads', grads) | tree.stats('params', params)
+    step_metrics |= tree.stats('updates', scaled)
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
 
 
-def jit_train_step(
-  graphdef: nnx.GraphDef,
-  tx: optax.GradientTransformation,
-  schedule: optax.Schedule,
-  shardings: PyTree,
-  batch_sharding: jax.sharding.NamedSharding,
-  *,
-  label_smoothing: float = 0.0,
-  z_loss: float = 0.0,
-  layer_stats: bool = False,
-  grad_accumulation_steps: int = 1,
-  cross_entropy_block_size: int = cross_entropy.BLOCK_SIZE,
-) -> Callable:
-  """train_step jitted once, with the state's shardings and its buffers donated.
+def eval_step(params: PyTree, batch: Batch, *, graphdef: nnx.GraphDef, block_size: int) -> Metrics:
+  """Sums over one batch of the held-out loss (the plain cross-entropy), its square, the count."""
+  model = nnx.merge(graphdef, params)
+  h_BxLxD = model.hidden(batch['x'], batch['segment_ids'], batch['positions'])
+  extras = cross_entropy.Extras(label_smoothing=0.0, z_loss=0.0, squares=True)
+  _, parts = cross_entropy.blockwise(
+    h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], extras, block_size
+  )
+  return parts | {'count': jnp.sum(batch['weights'])}
 
-  Call it with the mesh in context (jax.set_mesh), so that the model splits activations along B.
-  Metrics come back replicated, so that every process can read them.
+
+def jit_eval_step(graphdef: nnx.GraphDef, block_size: int) -> Callable[[PyTree, Batch], Metrics]:
+  """eval_step jitted for a model graph."""
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef, block_size=block_size))
+
+
+class Setup(NamedTuple):
+  """A run's sharded initial state and its jitted steps."""
+
+  graphdef: nnx.GraphDef
+  state: PyTree
+  shardings: PyTree
+  train_step: Callable[[PyTree, Batch], tuple[PyTree, Metrics]]
+  eval_step: Callable[[PyTree, Batch], Metrics]
+
+
+def setup(cfg: ModelConfig, c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+  """The state of step 0 (seed c.seed) sharded over mesh, and the steps of run config c.
+
+  train_step is jitted once with the state's shardings and its buffers donated; call it with the
+  mesh in context (jax.set_mesh), so that the model splits activations along B. Its metrics come
+  back replicated, so that every process can read them.
   """
-  step = functools.partial(
-    train_step,
-    graphdef=graphdef,
-    tx=tx,
-    schedule=schedule,
-    label_smoothing=label_smoothing,
-    z_loss=z_loss,
-    layer_stats=layer_stats,
-    grad_accumulation_steps=grad_accumulation_steps,
-    cross_entropy_block_size=cross_entropy_block_size,
-  )
-  replicated = NamedSharding(batch_sharding.mesh, P())
-  return jax.jit(
-    step,
-    in_shardings=(shardings, batch_sharding),
-    out_shardings=(shardings, replicated),
-    donate_argnums=0,
-  )
-
-
-def init_state(
-  cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, PyTree, PyTree]:
-  """Graph definition, sharded initial state and its shardings."""
+  tx = optimizer.get_optimizer(c.opt)
 
   def init() -> PyTree:
-    params = nnx.state(TransformerDecoder(cfg, nnx.Rngs(seed)))
+    params = nnx.state(TransformerDecoder(cfg, nnx.Rngs(c.seed)))
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(seed))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(c.seed))))
   shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
-  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+  state = jax.jit(init, out_shardings=shardings)()
+  schedule = optimizer.get_schedule(c.opt)
+  step = functools.partial(
+    train_step, graphdef=graphdef, tx=tx, schedule=schedule, opts=StepConfig.of(c)
+  )
+  batch, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+  train = jax.jit(
+    step, in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0
+  )
+  return Setup(
+    graphdef, state, shardings, train, jit_eval_step(graphdef, c.cross_entropy_block_size)
+  )

@@ -17,8 +17,9 @@ VOCAB = os.path.join(TESTDATA, 'shakespeare_1024.model')
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-  """A model small enough to compile and run in a second."""
-  return ModelConfig(**{'D': 32, 'H': 2, 'L': 16, 'N': 2, 'V': 97, 'F': 64, **overrides})
+  """A model small enough to compile and run in a second; the other keys as configs/default.py."""
+  tiny = {'D': 32, 'H': 2, 'L': 16, 'N': 2, 'V': 97, 'F': 64}
+  return ModelConfig(**{**default.get_config().model, **tiny, **overrides})
 
 
 def tiny_config(workdir: str, **overrides) -> ml_collections.ConfigDict:

@@ -12,22 +12,20 @@ import numpy as np
 import pytest
 from conftest import tiny_config, tiny_model_config, tokens_of
 
-from nanodo import checkpoint, data, optimizer, sharding, update
+from nanodo import checkpoint, data, sharding, update
 
 
 @functools.cache
 def _init() -> tuple:
-  c = tiny_config('/unused')
-  return update.init_state(
-    tiny_model_config(), optimizer.get_optimizer(c.opt), 0, sharding.make_mesh()
-  )[1:]
+  run = update.setup(tiny_model_config(), tiny_config('/unused'), sharding.make_mesh(1, -1))
+  return run.state, run.shardings
 
 
 def _setup():
   """A fresh state, its shardings and a data iterator, as the train loop has them."""
   state, shardings = _init()
   rows = np.arange(4000, dtype=np.int32) % 90 + 4
-  data_iter = iter(data.train_dataset(tokens_of([rows]), 16, 4, 0))
+  data_iter = iter(data.train_dataset(tokens_of([rows]), 16, 4, 0, 'packed'))
   return state, shardings, data_iter
 
 

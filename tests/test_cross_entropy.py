@@ -8,6 +8,7 @@ import pytest
 from nanodo import cross_entropy
 
 B, L, D, V = 4, 12, 8, 37
+X = cross_entropy.Extras
 
 
 def _inputs(dtype=jnp.float32):
@@ -27,8 +28,7 @@ def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z):
     jax.nn.logsumexp(logits_TxV, axis=-1),
     y_BxL.reshape(-1),
     weights_BxL.reshape(-1),
-    s,
-    z,
+    cross_entropy.Extras(s, z, squares=True),
   )
 
 
@@ -36,7 +36,7 @@ def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z):
 @pytest.mark.parametrize('s,z', [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-3)])
 def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z):
   h, out, y, weights = _inputs()
-  blockwise = lambda h, out: cross_entropy.blockwise(h, out, y, weights, s, z, block_size)
+  blockwise = lambda h, out: cross_entropy.blockwise(h, out, y, weights, X(s, z, True), block_size)
   whole = lambda h, out: _all_logits(h, out, y, weights, s, z)
   (objective, parts), grads = jax.value_and_grad(blockwise, (0, 1), has_aux=True)(h, out)
   (expected, expected_parts), expected_grads = jax.value_and_grad(whole, (0, 1), has_aux=True)(
@@ -45,11 +45,16 @@ def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z)
   assert (
     set(parts)
     == set(expected_parts)
-    == {'loss'} | ({'smoothed_loss'} if s else set()) | ({'z_loss'} if z else set())
+    == {'loss', 'loss_sq'} | ({'smoothed_loss'} if s else set()) | ({'z_loss'} if z else set())
   )
   np.testing.assert_allclose(objective, expected, rtol=1e-6)
   for k in parts:
     np.testing.assert_allclose(parts[k], expected_parts[k], rtol=1e-6)
+  # Without a gradient, the forward-only scan gives the same sums.
+  forward_objective, forward_parts = blockwise(h, out)
+  np.testing.assert_allclose(forward_objective, expected, rtol=1e-6)
+  for k in parts:
+    np.testing.assert_allclose(forward_parts[k], expected_parts[k], rtol=1e-6)
   for g, expected_g in zip(grads, expected_grads, strict=True):
     np.testing.assert_allclose(g, expected_g, atol=1e-5)
   assert float(jnp.abs(grads[0]).max()) > 0.01  # not vacuous
@@ -57,7 +62,9 @@ def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z)
 
 def test_padding_targets_get_no_gradient():
   h, out, y, weights = _inputs()
-  d_h = jax.grad(lambda h: cross_entropy.blockwise(h, out, y, weights, 0.1, 1e-3, 16)[0])(h)
+  d_h = jax.grad(lambda h: cross_entropy.blockwise(h, out, y, weights, X(0.1, 1e-3, False), 16)[0])(
+    h
+  )
   assert not np.any(np.asarray(d_h)[np.asarray(weights) == 0])
   assert np.all(np.abs(np.asarray(d_h)[np.asarray(weights) == 1]).sum(-1) > 0)
 
@@ -65,7 +72,9 @@ def test_padding_targets_get_no_gradient():
 def test_the_logits_of_all_tokens_never_exist_at_once():
   h, out, y, weights = _inputs()
   grad = jax.jit(
-    jax.grad(lambda h, out: cross_entropy.blockwise(h, out, y, weights, 0, 0, 16)[0], (0, 1))
+    jax.grad(
+      lambda h, out: cross_entropy.blockwise(h, out, y, weights, X(0.0, 0.0, False), 16)[0], (0, 1)
+    )
   )
   hlo = grad.lower(h, out).compile().as_text()
   assert f'f32[16,{V}]' in hlo  # one block of 4 rows x 4 positions
@@ -76,6 +85,6 @@ def test_the_logits_of_all_tokens_never_exist_at_once():
 def test_the_gradient_keeps_the_dtype_of_the_hidden_states():
   h, out, y, weights = _inputs(jnp.bfloat16)
   d_h, d_out = jax.grad(
-    lambda h, out: cross_entropy.blockwise(h, out, y, weights, 0, 0, 16)[0], (0, 1)
+    lambda h, out: cross_entropy.blockwise(h, out, y, weights, X(0.0, 0.0, False), 16)[0], (0, 1)
   )(h, out)
   assert d_h.dtype == jnp.bfloat16 and d_out.dtype == jnp.float32

@@ -1,5 +1,6 @@
 """Rows (packed and concatenated), batches, per-process shards, held-out data, bits per byte."""
 
+import io
 import math
 
 import grain
@@ -9,8 +10,9 @@ import pytest
 from conftest import VOCAB, tiny_model_config, tokens_of
 from flax import nnx
 
-from nanodo import data, evaluate, sources, token_cache, tokenizer
+from nanodo import data, evaluate, sources, token_cache, tokenizer, update
 from nanodo.model import TransformerDecoder
+from nanodo.progress import Progress
 
 
 def _docs(lengths):
@@ -92,14 +94,16 @@ def test_concat_rows_cut_the_stream_with_one_token_overlap():
 def test_epochs_are_shuffled_differently():
   tokens = tokens_of(_docs([199]))
   num_rows = len(data.packed_rows(tokens.offsets, 8))
-  rows = _epoch(data.train_dataset(tokens, L=8, batch_size=1, seed=0), 2 * num_rows)
+  rows = _epoch(
+    data.train_dataset(tokens, L=8, batch_size=1, seed=0, packing='packed'), 2 * num_rows
+  )
   first, second = ([int(r['x'][0]) for r in rows[i : i + num_rows]] for i in (0, num_rows))
   assert sorted(first) == sorted(second) and first != second
 
 
 def test_corpus_smaller_than_a_batch_is_refused():
   with pytest.raises(ValueError, match='7 rows of L=8 tokens, fewer than a batch of 64'):
-    data.train_dataset(tokens_of(_docs([49])), L=8, batch_size=64, seed=0)
+    data.train_dataset(tokens_of(_docs([49])), L=8, batch_size=64, seed=0, packing='packed')
 
 
 @pytest.mark.parametrize('packing', data.PACKINGS)
@@ -123,10 +127,12 @@ def test_two_process_shards_are_disjoint_and_cover_every_row(packing):
 
 def test_two_processes_together_read_the_batches_of_one():
   tokens = tokens_of(_docs([3 + (5 * i) % 17 for i in range(30)]))
-  one = iter(data.train_dataset(tokens, L=8, batch_size=4, seed=1))
+  one = iter(data.train_dataset(tokens, L=8, batch_size=4, seed=1, packing='packed'))
   halves = [
     iter(
-      data.train_dataset(tokens, L=8, batch_size=4, seed=1, shard=grain.sharding.ShardOptions(i, 2))
+      data.train_dataset(
+        tokens, L=8, batch_size=4, seed=1, packing='packed', shard=grain.sharding.ShardOptions(i, 2)
+      )
     )
     for i in range(2)
   ]
@@ -140,8 +146,8 @@ def test_loss_weights_exclude_padding_and_the_next_documents_first_token():
   tokens = tokens_of(_docs([3, 4, 2]))
   rows = data.packed_rows(tokens.offsets, 16)
   assert len(rows) == 1
-  batch = {k: v[None] for k, v in data.read_row(tokens.ids, rows, 16, 0).items()}
-  x, y, w = (np.asarray(a[0]) for a in evaluate.get_in_out(batch))
+  batch = data.with_targets({k: v[None] for k, v in data.read_row(tokens.ids, rows, 16, 0).items()})
+  x, y, w = (batch[k][0] for k in ('x', 'y', 'weights'))
   seg = batch['segment_ids'][0]
   for i in range(16):
     same = i + 1 < 16 and seg[i] > 0 and seg[i + 1] == seg[i]
@@ -163,8 +169,7 @@ def test_eval_rows_predict_every_token_once_and_pad_with_zero(tmp_path):
   ids = [[sp.bos_id(), *x, sp.eos_id()] for x in sp.encode(docs)]
   targets = []
   for b in ed.batches:
-    _, y, w = evaluate.get_in_out(b)
-    targets.extend(np.asarray(y)[np.asarray(w) > 0])
+    targets.extend(b['y'][b['weights'] > 0])
   np.testing.assert_array_equal(np.sort(targets), np.sort(np.concatenate([x[1:] for x in ids])))
   assert ed.num_bytes == sum(len(d.encode()) for d in docs)
   last = ed.batches[-1]
@@ -193,7 +198,9 @@ def test_bits_per_byte_matches_a_hand_computation(tmp_path):
   model = TransformerDecoder(cfg, nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   ed = data.eval_data(_tokens(sp, docs, tmp_path), L=cfg.L, batch_size=2)
-  result = evaluate.evaluate(graphdef, params, ed, jax.devices()[0])
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  eval_step = update.jit_eval_step(graphdef, block_size=4)
+  result = evaluate.evaluate(eval_step, params, ed, one_device, Progress(io.StringIO()))
   # By hand: each document as one long sequence, scored window by window.
   nll, count = 0.0, 0
   for ids in ([sp.bos_id(), *x, sp.eos_id()] for x in sp.encode(docs)):

@@ -12,8 +12,8 @@ import pytest
 from conftest import VOCAB, tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import optimizer, sharding, train, update
-from nanodo.data import as_batch
+from nanodo import sharding, train, update
+from nanodo.data import as_batch, global_batch
 from nanodo.model import TransformerDecoder
 
 TESTS = os.path.dirname(__file__)
@@ -25,25 +25,17 @@ def train_steps(
   data: int, fsdp: int, grad_accumulation_steps: int = 1, num_steps: int = 3, B: int = 16, **model
 ) -> dict:
   """Losses of a few steps on one random batch, and each state array's per-device shape."""
-  c = tiny_config('/unused')
+  c = tiny_config('/unused', grad_accumulation_steps=grad_accumulation_steps)
   cfg = tiny_model_config(**model)
   mesh = sharding.make_mesh(data, fsdp)
-  tx = optimizer.get_optimizer(c.opt)
-  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
+  run = update.setup(cfg, c, mesh)
+  state, step_fn = run.state, run.train_step
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = update.jit_train_step(
-    graphdef,
-    tx,
-    optimizer.get_schedule(c.opt),
-    shardings,
-    batch_sharding,
-    grad_accumulation_steps=grad_accumulation_steps,
-  )
   in_BxL = np.random.default_rng(0).integers(1, cfg.V, (B, cfg.L), dtype=np.int32)
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(num_steps):
-      state, m = step_fn(state, sharding.global_batch(as_batch(in_BxL), batch_sharding))
+      state, m = step_fn(state, global_batch(as_batch(in_BxL), batch_sharding))
       losses.append(float(m['loss']))
   shapes = {
     jax.tree_util.keystr(path, simple=True, separator='/'): (
@@ -79,7 +71,7 @@ def wo_FxD_sharding(**model) -> str:
   abstract = nnx.state(
     nnx.eval_shape(lambda: TransformerDecoder(tiny_model_config(**model), nnx.Rngs(0)))
   )
-  shardings = sharding.state_shardings(abstract, sharding.make_mesh())
+  shardings = sharding.state_shardings(abstract, sharding.make_mesh(1, -1))
   return str(shardings['blocks'][0]['mlp']['wo_FxD'].value.spec)
 
 

@@ -1,6 +1,5 @@
 """The jitted train step: metrics, learning, shardings."""
 
-import functools
 import json
 import os
 import shutil
@@ -13,21 +12,13 @@ import pytest
 from conftest import VOCAB, tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import data, metrics, optimizer, sharding, tokenizer, train, update
+from nanodo import data, metrics, optimizer, sharding, tokenizer, train, update, workdir
 from nanodo.model import TransformerDecoder
 
 
 def _step_fn(c, cfg):
-  tx = optimizer.get_optimizer(c.opt)
-  mesh = sharding.make_mesh()
-  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
-  step = jax.jit(
-    functools.partial(
-      update.train_step, graphdef=graphdef, tx=tx, schedule=optimizer.get_schedule(c.opt)
-    ),
-    donate_argnums=0,
-  )
-  return state, step
+  run = update.setup(cfg, c, sharding.make_mesh(1, -1))
+  return run.state, run.train_step
 
 
 def test_one_step_metrics_and_state(tmp_path):
@@ -63,18 +54,18 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
 def test_padding_targets_carry_no_loss(tmp_path):
   c = tiny_config(str(tmp_path))
   cfg = tiny_model_config()
-  state, _ = _step_fn(c, cfg)
-  graphdef = update.init_state(cfg, optimizer.get_optimizer(c.opt), c.seed, sharding.make_mesh())[0]
+  run = update.setup(cfg, c, sharding.make_mesh(1, -1))
+  state, graphdef, opts = run.state, run.graphdef, update.StepConfig.of(c)
+  loss_fn = lambda batch: update.loss_fn(state['params'], graphdef, batch, opts)[0]
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
   padded = data.as_batch(x_BxL.at[:, 10:].set(0))
-  loss, _ = update.loss_fn(state['params'], graphdef, padded)
+  loss = loss_fn(padded)
   # Padding that is not a target changes nothing: tokens 10 on are padding in both.
   other = {**padded, 'x': padded['x'].copy()}
   other['x'][:, 12:] = 7
-  assert float(loss) == pytest.approx(float(update.loss_fn(state['params'], graphdef, other)[0]))
+  assert float(loss) == pytest.approx(float(loss_fn(data.with_targets(other))))
   # The same rows without padding: the targets at 10 and on now count.
-  unpadded, _ = update.loss_fn(state['params'], graphdef, data.as_batch(x_BxL))
-  assert float(loss) != pytest.approx(float(unpadded))
+  assert float(loss) != pytest.approx(float(loss_fn(data.as_batch(x_BxL))))
 
 
 def test_weight_decay_skips_embeddings_and_scales(tmp_path):
@@ -93,10 +84,9 @@ def test_weight_decay_skips_embeddings_and_scales(tmp_path):
 SHARDED = """
 import jax
 from conftest import VOCAB, tiny_config, tiny_model_config
-from nanodo import optimizer, sharding, update
-c = tiny_config('/unused')
+from nanodo import sharding, update
 cfg = tiny_model_config(D=64, F=128, L=32)
-_, state, _ = update.init_state(cfg, optimizer.get_optimizer(c.opt), 0, sharding.make_mesh())
+state = update.setup(cfg, tiny_config('/unused'), sharding.make_mesh(1, -1)).state
 for name, x in [('wi', state['params']['blocks'][0]['mlp']['wi_DxF'][...]),
                 ('mu', state['opt_state'][1][0].mu['blocks'][0]['mlp']['wi_DxF'][...]),
                 ('embed', state['params']['embed_VxD'][...])]:
@@ -142,16 +132,22 @@ def test_logged_mfu_uses_the_given_peak(tmp_path):
   )
   for r in rows:
     assert r['mfu'] == pytest.approx(r['tokens_per_sec'] * per_token / 1e9, rel=1e-6)
+  # tokens/s is the step's tokens over the wall-clock time since the step before was logged.
+  tokens_per_step = c.batch_size * c.model.L
+  for before, r in zip(rows, rows[1:], strict=False):
+    assert tokens_per_step / r['tokens_per_sec'] == pytest.approx(
+      r['time'] - before['time'], abs=0.02
+    )
 
 
 def test_a_workdir_tokenizer_of_another_size_is_not_reused_silently(tmp_path):
-  shutil.copy(VOCAB, tmp_path / train.TOKENIZER_FILE)
+  shutil.copy(VOCAB, tmp_path / workdir.TOKENIZER)
   c = tiny_config(str(tmp_path), vocab_path='', vocab_size=2048)
   with pytest.raises(
     ValueError,
     match=r'^vocab_size=2048 is not valid: .* holds a tokenizer of '
     r'1024 pieces; set vocab_size=1024\.',
   ):
-    train.get_tokenizer(c, [])
+    workdir.get_tokenizer(c, [])
   c.vocab_size = 1024
-  assert train.get_tokenizer(c, []).vocab_size() == 1024
+  assert workdir.get_tokenizer(c, []).vocab_size() == 1024

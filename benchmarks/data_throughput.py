@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nanodo import data, optimizer, sharding, sources, token_cache, tokenizer, update
+from nanodo import data, sharding, sources, token_cache, tokenizer, update
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
@@ -39,21 +39,19 @@ def deliver(
 def consumed_tokens_per_sec(c: ml_collections.ConfigDict, V: int, steps: int = 10) -> float:
   """Tokens per second of the default config's train step (median of steps, after warm-up)."""
   cfg = ModelConfig(V=V, **c.model)
-  mesh = sharding.make_mesh()
-  tx = optimizer.get_optimizer(c.opt)
-  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
-  step_fn = update.jit_train_step(
-    graphdef, tx, optimizer.get_schedule(c.opt), shardings, sharding.batch_sharding(mesh)
-  )
+  mesh = sharding.make_mesh(1, -1)
+  run = update.setup(cfg, c, mesh)
+  state = run.state
   rng = np.random.default_rng(0)
   batch = data.as_batch(rng.integers(1, V, (c.batch_size, cfg.L), dtype=np.int32))
   times = []
-  for i in range(steps + 2):
-    t = time.perf_counter()
-    state, m = step_fn(state, batch)
-    jax.block_until_ready(m)
-    if i >= 2:
-      times.append(time.perf_counter() - t)
+  with jax.set_mesh(mesh):  # the model splits activations along B over the mesh
+    for i in range(steps + 2):
+      t = time.perf_counter()
+      state, m = run.train_step(state, batch)
+      jax.block_until_ready(m)
+      if i >= 2:
+        times.append(time.perf_counter() - t)
   return c.batch_size * cfg.L / statistics.median(times)
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 from nanodo import sample
 from nanodo.configs import default
 from nanodo.model import ModelConfig, TransformerDecoder
-from nanodo.optimizer import PyTree
+from nanodo.tree import PyTree
 
 NEW_TOKENS = 512
 PROMPT_TOKENS = 8

@@ -35,18 +35,16 @@ import time
 import jax
 import numpy as np
 
-from nanodo import data, host, metrics, optimizer, sharding, train, update
+from nanodo import data, host, metrics, sharding, train, update
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
+C = default.get_config()
 CONFIGS = {
-  'S': (ModelConfig(V=84, L=64, D=128, H=4, N=4, F=512), 12),
-  'M': (ModelConfig(V=8192, L=256, D=512, H=8, N=6, F=2048), 8),
+  'S': (ModelConfig(V=84, **{**C.model, 'L': 64, 'D': 128, 'H': 4, 'N': 4, 'F': 512}), 12),
+  'M': (ModelConfig(V=8192, **{**C.model, 'L': 256, 'D': 512, 'H': 8, 'N': 6, 'F': 2048}), 8),
   # configs/default.py's model, with the tokenizer it trains.
-  'default': (
-    ModelConfig(V=default.get_config().vocab_size, **default.get_config().model),
-    default.get_config().batch_size,
-  ),
+  'default': (ModelConfig(V=C.vocab_size, **C.model), C.batch_size),
 }
 
 
@@ -121,13 +119,9 @@ def bench(
   cfg: ModelConfig, batch_size: int, steps: int, with_profile: bool = False
 ) -> dict[str, float]:
   """Median step time of nanodo's jitted train step, after two warm-up steps."""
-  c = default.get_config()
-  mesh = sharding.make_mesh()
-  tx = optimizer.get_optimizer(c.opt)
-  graphdef, state, shardings = update.init_state(cfg, tx, c.seed, mesh)
-  step_fn = update.jit_train_step(
-    graphdef, tx, optimizer.get_schedule(c.opt), shardings, sharding.batch_sharding(mesh)
-  )
+  mesh = sharding.make_mesh(1, -1)
+  run = update.setup(cfg, C, mesh)
+  state, step_fn = run.state, run.train_step
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)
   batches = [

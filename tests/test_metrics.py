@@ -1,6 +1,7 @@
 """Metrics: JSON lines, TensorBoard, W&B, hyper-parameters, per-layer statistics, profiles;
 a resumed run logs each step once."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import data, metrics, optimizer, sample, train, update, validate
+from nanodo import data, metrics, train, tree, update, validate, workdir
 from nanodo.model import TransformerDecoder
 
 TRAIN_KEYS = {
@@ -77,9 +78,9 @@ def test_profile_steps_write_a_trace_to_the_workdir(tiny_run):
 
 def test_per_layer_statistics_of_a_run_match_its_checkpoint(tiny_run):
   [last] = [r for r in _rows(tiny_run) if r['step'] == 6 and 'loss' in r]
-  params = sample.load(tiny_run, 6).params
+  params = workdir.load(tiny_run, 6).params
   for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
-    name, x = optimizer.path_str(path), np.asarray(x, np.float64)
+    name, x = tree.path_str(path), np.asarray(x, np.float64)
     assert last[f'params/{name}/rms'] == pytest.approx(np.sqrt(np.mean(x**2)), rel=1e-5), name
     assert last[f'params/{name}/mean'] == pytest.approx(x.mean(), rel=1e-4, abs=1e-7), name
     assert last[f'params/{name}/std'] == pytest.approx(x.std(), rel=1e-4), name
@@ -94,10 +95,16 @@ def test_activation_statistics_leave_the_loss_unchanged():
   cfg = tiny_model_config()
   graphdef, params = nnx.split(TransformerDecoder(cfg, nnx.Rngs(0)))
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
-  forward = jax.jit(update.loss_fn, static_argnames=('graphdef', 'layer_stats'))
-  batch = data.as_batch(x_BxL)
-  loss, parts = forward(params, graphdef=graphdef, batch=batch)
-  with_stats, stats = forward(params, graphdef=graphdef, batch=batch, layer_stats=True)
+  forward = jax.jit(update.loss_fn, static_argnames=('graphdef', 'opts'))
+  batch, c = data.as_batch(x_BxL), tiny_config('/unused')
+  opts = update.StepConfig.of(c)
+  loss, (parts, _, _) = forward(params, graphdef=graphdef, batch=batch, opts=opts)
+  with_stats, (_, stats, _) = forward(
+    params,
+    graphdef=graphdef,
+    batch=batch,
+    opts=dataclasses.replace(opts, log_internal_metrics=True),
+  )
   assert set(parts) == {'loss'}
   assert float(with_stats) == pytest.approx(float(loss), rel=1e-6)
   logits = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x_BxL), np.float64)

@@ -116,7 +116,7 @@ def test_grouped_query_attention_equals_multi_head_with_shared_key_value_heads()
     block['attn']['wkv_2xDxGxK'].value = jnp.repeat(block['attn']['wkv_2xDxGxK'].value, 2, axis=2)
   x_BxL = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
   np.testing.assert_allclose(gqa(x_BxL), nnx.merge(graphdef, mha_params)(x_BxL), atol=1e-5)
-  kv_cache, mh_cache = model.init_cache(gqa.cfg, 1), model.init_cache(mha.cfg, 1)
+  kv_cache, mh_cache = sample.init_cache(gqa.cfg, 1), sample.init_cache(mha.cfg, 1)
   assert kv_cache[0][0].size * 2 == mh_cache[0][0].size
 
 

@@ -147,7 +147,7 @@ def test_resume_takes_a_key_missing_from_an_older_config_json_as_its_default(tmp
   c = tiny_config(str(tmp_path))
   old = json.loads(c.to_json())
   del old['model']['remat'], old['seed']
-  with open(os.path.join(str(tmp_path), workdir.CONFIG_FILE), 'w', encoding='utf-8') as f:
+  with open(os.path.join(str(tmp_path), workdir.CONFIG), 'w', encoding='utf-8') as f:
     json.dump(old, f)
   validate.check_resume(c)
   c.seed = 7

@@ -52,11 +52,11 @@ def test_config_round_trips_and_is_replaced_whole(tmp_path):
   c.opt.num_train_steps = 99
   workdir.write_config(c)
   assert workdir.read_config(str(tmp_path))['opt']['num_train_steps'] == 99
-  assert os.listdir(tmp_path) == [workdir.CONFIG_FILE]
+  assert os.listdir(tmp_path) == [workdir.CONFIG]
 
 
 def test_an_unreadable_config_is_an_error_not_a_fresh_start(tmp_path):
-  with open(tmp_path / workdir.CONFIG_FILE, 'w', encoding='utf-8') as f:
+  with open(tmp_path / workdir.CONFIG, 'w', encoding='utf-8') as f:
     f.write('{"model": {"D": 3')
   with pytest.raises(ValueError, match='config.json is unreadable'):
     workdir.read_config(str(tmp_path))

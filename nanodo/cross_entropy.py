@@ -18,23 +18,24 @@ import jax.numpy as jnp
 Parts = dict[str, jax.Array]
 
 
-class Extras(NamedTuple):
-  """What the objective adds to the plain cross-entropy, and the squared loss for a std error."""
+class Options(NamedTuple):
+  """How the loss is computed: the objective's extras, what is reported, the block size."""
 
   label_smoothing: float
   z_loss: float
-  squares: bool
+  squares: bool  # also the squared loss, for a standard error
+  block_size: int  # tokens whose logits exist at once
 
 
 def losses(
-  logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, extras: Extras
+  logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, opts: Options
 ) -> tuple[jax.Array, Parts]:
   """The objective and its parts, each a weighted sum over the targets; logz_T: logsumexp.
 
   'loss' is always the plain next-token cross-entropy; label smoothing, the z-loss (on the
   log-normalizer) and the squared loss are parts of their own when on.
   """
-  label_smoothing, z_loss, squares = extras
+  label_smoothing, z_loss, squares, _ = opts
   total = lambda v_T: jnp.sum(v_T * weights_T)
   nll_T = logz_T - jnp.take_along_axis(logits_TxV, y_T[:, None], -1)[:, 0]
   parts = {'loss': total(nll_T)}
@@ -53,10 +54,10 @@ def losses(
 
 
 def grad_logits(
-  logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, extras: Extras
+  logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, opts: Options
 ) -> jax.Array:
   """The gradient of losses' objective with respect to the logits, written out."""
-  s, z_loss, V = extras.label_smoothing, extras.z_loss, logits_TxV.shape[-1]
+  s, z_loss, V = opts.label_smoothing, opts.z_loss, logits_TxV.shape[-1]
   logz_Tx1 = logz_T[:, None]
   softmax_TxV = jnp.exp(logits_TxV - logz_Tx1)
   target_TxV = (1 - s) * jax.nn.one_hot(y_T, V, dtype=logits_TxV.dtype) + s / V
@@ -79,52 +80,40 @@ def _block_logits(out_VxD: jax.Array, h_BxLbxD: jax.Array, y_BxLb: jax.Array, w_
   return h_TxD, (logits_TxV, jax.nn.logsumexp(logits_TxV, axis=-1), y_BxLb.ravel(), w_BxLb.ravel())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def blockwise(
-  h_BxLxD: jax.Array,
-  out_VxD: jax.Array,
-  y_BxL: jax.Array,
-  weights_BxL: jax.Array,
-  extras: Extras,
-  block_size: int,
+  h_BxLxD: jax.Array, out_VxD: jax.Array, y_BxL: jax.Array, weights_BxL: jax.Array, opts: Options
 ) -> tuple[jax.Array, Parts]:
-  """losses of the logits h·out, a block of about block_size tokens at a time.
+  """losses of the logits h·out, a block of about opts.block_size tokens at a time.
 
   Differentiable in h and out through the objective only (the parts are for reporting).
   """
 
   def block(_, xs: tuple) -> tuple[None, tuple]:
-    return None, losses(*_block_logits(out_VxD, *xs)[1], extras)
+    return None, losses(*_block_logits(out_VxD, *xs)[1], opts)
 
-  xs = tuple(_blocks(v, block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
+  xs = tuple(_blocks(v, opts.block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
   return jax.tree.map(jnp.sum, jax.lax.scan(block, None, xs)[1])
 
 
 def _forward(
-  h_BxLxD: jax.Array,
-  out_VxD: jax.Array,
-  y_BxL: jax.Array,
-  weights_BxL: jax.Array,
-  extras: Extras,
-  block_size: int,
+  h_BxLxD: jax.Array, out_VxD: jax.Array, y_BxL: jax.Array, weights_BxL: jax.Array, opts: Options
 ) -> tuple[tuple[jax.Array, Parts], tuple[jax.Array, jax.Array]]:
   """blockwise's value, and its gradients in h and out, computed together block by block."""
 
   def block(d_out_VxD: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
     h_TxD, args = _block_logits(out_VxD, *xs)
-    g_TxV = grad_logits(*args, extras)
+    g_TxV = grad_logits(*args, opts)
     d_h_BxLbxD = jnp.einsum('TV,VD->TD', g_TxV, out_VxD).reshape(xs[0].shape)
-    return d_out_VxD + jnp.einsum('TV,TD->VD', g_TxV, h_TxD), (losses(*args, extras), d_h_BxLbxD)
+    return d_out_VxD + jnp.einsum('TV,TD->VD', g_TxV, h_TxD), (losses(*args, opts), d_h_BxLbxD)
 
-  xs = tuple(_blocks(v, block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
+  xs = tuple(_blocks(v, opts.block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
   d_out_VxD, (sums, d_h_CxBxLbxD) = jax.lax.scan(block, jnp.zeros_like(out_VxD), xs)
   d_h_BxLxD = d_h_CxBxLbxD.swapaxes(0, 1).reshape(h_BxLxD.shape).astype(h_BxLxD.dtype)
   return jax.tree.map(jnp.sum, sums), (d_h_BxLxD, d_out_VxD)
 
 
-def _backward(
-  extras: Extras, block_size: int, grads: tuple[jax.Array, jax.Array], cotangents: tuple
-) -> tuple[jax.Array | None, ...]:
+def _backward(opts: Options, grads: tuple, cotangents: tuple) -> tuple[jax.Array | None, ...]:
   """The gradients _forward computed, times the objective's cotangent."""
   ct = cotangents[0]
   return (ct * grads[0]).astype(grads[0].dtype), ct * grads[1], None, None

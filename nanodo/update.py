@@ -54,9 +54,11 @@ def loss_fn(
     stats = tree.stats('act', outputs) | tree.stats('act', {'output': logits_BxLxV})
   else:
     h_BxLxD = model.hidden(*inputs)
-  extras = cross_entropy.Extras(opts.label_smoothing, opts.z_loss, squares=False)
+  ce = cross_entropy.Options(
+    opts.label_smoothing, opts.z_loss, False, opts.cross_entropy_block_size
+  )
   objective, parts = cross_entropy.blockwise(
-    h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], extras, opts.cross_entropy_block_size
+    h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], ce
   )
   return objective, (parts, stats, jnp.sum(batch['weights']))
 
@@ -110,10 +112,8 @@ def eval_step(params: PyTree, batch: Batch, *, graphdef: nnx.GraphDef, block_siz
   """Sums over one batch of the held-out loss (the plain cross-entropy), its square, the count."""
   model = nnx.merge(graphdef, params)
   h_BxLxD = model.hidden(batch['x'], batch['segment_ids'], batch['positions'])
-  extras = cross_entropy.Extras(label_smoothing=0.0, z_loss=0.0, squares=True)
-  _, parts = cross_entropy.blockwise(
-    h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], extras, block_size
-  )
+  ce = cross_entropy.Options(label_smoothing=0.0, z_loss=0.0, squares=True, block_size=block_size)
+  _, parts = cross_entropy.blockwise(h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], ce)
   return parts | {'count': jnp.sum(batch['weights'])}
 
 

@@ -8,7 +8,7 @@ import pytest
 from nanodo import cross_entropy
 
 B, L, D, V = 4, 12, 8, 37
-X = cross_entropy.Extras
+Opts = cross_entropy.Options
 
 
 def _inputs(dtype=jnp.float32):
@@ -28,7 +28,7 @@ def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z):
     jax.nn.logsumexp(logits_TxV, axis=-1),
     y_BxL.reshape(-1),
     weights_BxL.reshape(-1),
-    cross_entropy.Extras(s, z, squares=True),
+    Opts(s, z, True, 1),
   )
 
 
@@ -36,7 +36,9 @@ def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z):
 @pytest.mark.parametrize('s,z', [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-3)])
 def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z):
   h, out, y, weights = _inputs()
-  blockwise = lambda h, out: cross_entropy.blockwise(h, out, y, weights, X(s, z, True), block_size)
+  blockwise = lambda h, out: cross_entropy.blockwise(
+    h, out, y, weights, Opts(s, z, True, block_size)
+  )
   whole = lambda h, out: _all_logits(h, out, y, weights, s, z)
   (objective, parts), grads = jax.value_and_grad(blockwise, (0, 1), has_aux=True)(h, out)
   (expected, expected_parts), expected_grads = jax.value_and_grad(whole, (0, 1), has_aux=True)(
@@ -62,9 +64,9 @@ def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z)
 
 def test_padding_targets_get_no_gradient():
   h, out, y, weights = _inputs()
-  d_h = jax.grad(lambda h: cross_entropy.blockwise(h, out, y, weights, X(0.1, 1e-3, False), 16)[0])(
-    h
-  )
+  d_h = jax.grad(
+    lambda h: cross_entropy.blockwise(h, out, y, weights, Opts(0.1, 1e-3, False, 16))[0]
+  )(h)
   assert not np.any(np.asarray(d_h)[np.asarray(weights) == 0])
   assert np.all(np.abs(np.asarray(d_h)[np.asarray(weights) == 1]).sum(-1) > 0)
 
@@ -73,7 +75,8 @@ def test_the_logits_of_all_tokens_never_exist_at_once():
   h, out, y, weights = _inputs()
   grad = jax.jit(
     jax.grad(
-      lambda h, out: cross_entropy.blockwise(h, out, y, weights, X(0.0, 0.0, False), 16)[0], (0, 1)
+      lambda h, out: cross_entropy.blockwise(h, out, y, weights, Opts(0.0, 0.0, False, 16))[0],
+      (0, 1),
     )
   )
   hlo = grad.lower(h, out).compile().as_text()
@@ -85,6 +88,6 @@ def test_the_logits_of_all_tokens_never_exist_at_once():
 def test_the_gradient_keeps_the_dtype_of_the_hidden_states():
   h, out, y, weights = _inputs(jnp.bfloat16)
   d_h, d_out = jax.grad(
-    lambda h, out: cross_entropy.blockwise(h, out, y, weights, X(0.0, 0.0, False), 16)[0], (0, 1)
+    lambda h, out: cross_entropy.blockwise(h, out, y, weights, Opts(0.0, 0.0, False, 16))[0], (0, 1)
   )(h, out)
   assert d_h.dtype == jnp.bfloat16 and d_out.dtype == jnp.float32

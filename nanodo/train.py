@@ -97,7 +97,6 @@ def _train(
   progress = Progress()
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   logger = metrics.StepLogger(c, step, flops_per_token, progress)
-  held_out = lambda: evaluate(run.eval_step, state['params'], eval_data, batch_sharding, progress)
   # Steps traced by the profiler: profile_steps of them after the first, which compiles.
   trace = range(step + 1, min(step + 1 + c.profile_steps, c.opt.num_train_steps))
   result = {}
@@ -111,27 +110,24 @@ def _train(
       if trace and step == trace.stop:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        log(
-          f'profile of steps {trace.start + 1}-{trace.stop} written to {c.workdir}/plugins/profile'
-        )
+        log(f'profile of steps {trace.start + 1}-{trace.stop}: {c.workdir}/plugins/profile')
       last = step == c.opt.num_train_steps
       if step % c.checkpoint_every_steps == 0 or last:
         logger.flush()  # a state that diverged is never saved
         checkpoint.save(mngr, step, state, batches)
       if step % c.eval_every_steps == 0 or last:
         logger.flush()
-        result = held_out()
+        result = evaluate(run.eval_step, state['params'], eval_data, batch_sharding, progress)
         logger.evaluation(step, result)
     logger.flush()
     if stop.name and step < c.opt.num_train_steps:
       if mngr.latest_step() != step:
         checkpoint.save(mngr, step, state, batches)
-      log(
-        f'Stopped by {stop.name} at step {step}, checkpoint saved. Run the same command to resume.'
-      )
+      resume = 'Run the same command to resume.'
+      log(f'Stopped by {stop.name} at step {step}, checkpoint saved. {resume}')
       return {}
     if not result:  # Already trained to the end: evaluate what is there.
-      result = held_out()
+      result = evaluate(run.eval_step, state['params'], eval_data, batch_sharding, progress)
       logger.evaluation(step, result)
     return result
   finally:

@@ -54,7 +54,7 @@ def evaluate_run(path: str, step: int | None = None) -> tuple[workdir.Run, dict[
   eval_data = data.eval_data(
     tokens, run.cfg.L, c.eval_batch_size, grain.sharding.ShardByJaxProcess()
   )
-  eval_step = update.jit_eval_step(run.graphdef, c.cross_entropy_block_size)
+  eval_step = update.jit_eval_step(run.graphdef, update.StepConfig.of(c))
   batch_sharding = sharding.batch_sharding(sharding.make_mesh(1, jax.device_count()))
   with Progress() as progress:
     return run, evaluate(eval_step, run.params, eval_data, batch_sharding, progress)

@@ -23,17 +23,16 @@ Metrics = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """How a train step computes its loss and gradient: the run config's keys of the same names."""
+  """How a step computes its loss and gradient, from the run config's keys of the same names."""
 
-  label_smoothing: float
-  z_loss: float
-  cross_entropy_block_size: int
+  loss: cross_entropy.Options  # label_smoothing, z_loss, cross_entropy_block_size
   grad_accumulation_steps: int
   log_internal_metrics: bool  # per-layer statistics
 
   @classmethod
   def of(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+    loss = cross_entropy.Options(c.label_smoothing, c.z_loss, False, c.cross_entropy_block_size)
+    return cls(loss, c.grad_accumulation_steps, c.log_internal_metrics)
 
 
 def loss_fn(
@@ -54,11 +53,9 @@ def loss_fn(
     stats = tree.stats('act', outputs) | tree.stats('act', {'output': logits_BxLxV})
   else:
     h_BxLxD = model.hidden(*inputs)
-  ce = cross_entropy.Options(
-    opts.label_smoothing, opts.z_loss, False, opts.cross_entropy_block_size
-  )
+  y_BxL, weights_BxL = batch['y'], batch['weights']
   objective, parts = cross_entropy.blockwise(
-    h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], ce
+    h_BxLxD, model.out_VxD(), y_BxL, weights_BxL, opts.loss
   )
   return objective, (parts, stats, jnp.sum(batch['weights']))
 
@@ -108,18 +105,17 @@ def train_step(
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
 
 
-def eval_step(params: PyTree, batch: Batch, *, graphdef: nnx.GraphDef, block_size: int) -> Metrics:
+def eval_step(params: PyTree, batch: Batch, *, graphdef: nnx.GraphDef, opts: StepConfig) -> Metrics:
   """Sums over one batch of the held-out loss (the plain cross-entropy), its square, the count."""
-  model = nnx.merge(graphdef, params)
-  h_BxLxD = model.hidden(batch['x'], batch['segment_ids'], batch['positions'])
-  ce = cross_entropy.Options(label_smoothing=0.0, z_loss=0.0, squares=True, block_size=block_size)
-  _, parts = cross_entropy.blockwise(h_BxLxD, model.out_VxD(), batch['y'], batch['weights'], ce)
-  return parts | {'count': jnp.sum(batch['weights'])}
+  loss = opts.loss._replace(label_smoothing=0.0, z_loss=0.0, squares=True)
+  plain = dataclasses.replace(opts, loss=loss, log_internal_metrics=False)
+  _, (parts, _, count) = loss_fn(params, graphdef, batch, plain)
+  return parts | {'count': count}
 
 
-def jit_eval_step(graphdef: nnx.GraphDef, block_size: int) -> Callable[[PyTree, Batch], Metrics]:
+def jit_eval_step(graphdef: nnx.GraphDef, opts: StepConfig) -> Callable[[PyTree, Batch], Metrics]:
   """eval_step jitted for a model graph."""
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef, block_size=block_size))
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef, opts=opts))
 
 
 class Setup(NamedTuple):
@@ -148,14 +144,10 @@ def setup(cfg: ModelConfig, c: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(c.seed))))
   shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
   state = jax.jit(init, out_shardings=shardings)()
-  schedule = optimizer.get_schedule(c.opt)
-  step = functools.partial(
-    train_step, graphdef=graphdef, tx=tx, schedule=schedule, opts=StepConfig.of(c)
-  )
+  schedule, opts = optimizer.get_schedule(c.opt), StepConfig.of(c)
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, opts=opts)
   batch, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
   train = jax.jit(
     step, in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0
   )
-  return Setup(
-    graphdef, state, shardings, train, jit_eval_step(graphdef, c.cross_entropy_block_size)
-  )
+  return Setup(graphdef, state, shardings, train, jit_eval_step(graphdef, opts))

@@ -7,7 +7,7 @@ import grain
 import jax
 import numpy as np
 import pytest
-from conftest import VOCAB, tiny_model_config, tokens_of
+from conftest import VOCAB, tiny_config, tiny_model_config, tokens_of
 from flax import nnx
 
 from nanodo import data, evaluate, sources, token_cache, tokenizer, update
@@ -199,7 +199,8 @@ def test_bits_per_byte_matches_a_hand_computation(tmp_path):
   graphdef, params = nnx.split(model)
   ed = data.eval_data(_tokens(sp, docs, tmp_path), L=cfg.L, batch_size=2)
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  eval_step = update.jit_eval_step(graphdef, block_size=4)
+  opts = update.StepConfig.of(tiny_config('/unused', cross_entropy_block_size=4))
+  eval_step = update.jit_eval_step(graphdef, opts)
   result = evaluate.evaluate(eval_step, params, ed, one_device, Progress(io.StringIO()))
   # By hand: each document as one long sequence, scored window by window.
   nll, count = 0.0, 0

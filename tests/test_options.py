@@ -137,7 +137,7 @@ def test_label_smoothing_zero_is_cross_entropy_and_matches_optax():
   opts = update.StepConfig.of(tiny_config('/unused'))
   objective, (parts, _, count) = update.loss_fn(params, graphdef, data.as_batch(in_BxL), opts)
   assert float(objective) == float(parts['loss'])
-  opts = dataclasses.replace(opts, label_smoothing=0.2)
+  opts = dataclasses.replace(opts, loss=opts.loss._replace(label_smoothing=0.2))
   smoothed, (parts, _, count) = update.loss_fn(params, graphdef, data.as_batch(in_BxL), opts)
   smoothed /= count
   logits_TxV = m(in_BxL)[:, :-1].reshape(-1, 97)

@@ -11,10 +11,12 @@ import orbax.checkpoint as ocp
 from nanodo.progress import log
 from nanodo.tree import PyTree
 
+Manager = ocp.CheckpointManager
+DataIter = grain.DatasetIterator
 _UINTS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-def manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def manager(directory: str, max_to_keep: int | None = None) -> Manager:
   """Orbax manager of 'state', 'data' (Grain iterator) and 'fingerprint' items.
 
   With max_to_keep it writes: it creates the directory and removes the temporary directories
@@ -24,112 +26,86 @@ def manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointMan
   options = ocp.CheckpointManagerOptions(
     max_to_keep=max_to_keep, create=writes, cleanup_tmp_directories=writes
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return Manager(os.path.abspath(directory), options=options)
 
 
-def _checksum(x: jax.Array) -> jax.Array:
-  """Sum of the array's bit patterns, each times an odd weight that depends on its position.
+def _checksum(tree: PyTree) -> jax.Array:
+  """Sum of the bit patterns of tree's arrays, each times an odd weight that depends on its place.
 
-  Odd weights: a flipped bit always changes the sum; position weights: so do swapped values.
+  Odd weights: a flipped bit always changes the sum; place weights: so do swapped values.
   """
-  bits = jax.lax.bitcast_convert_type(x, _UINTS[x.dtype.itemsize]).astype(jnp.uint32)
-  weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * 2 + 1
-  return jnp.sum(bits * weights, dtype=jnp.uint32)
+  total = jnp.uint32(0)
+  for i, x in enumerate(jax.tree.leaves(tree)):
+    bits = jax.lax.bitcast_convert_type(x, _UINTS[x.dtype.itemsize]).astype(jnp.uint32)
+    weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * 2 + 1
+    total += jnp.sum(bits * weights, dtype=jnp.uint32) * np.uint32(2 * i + 1)
+  return total
 
 
 @jax.jit
 def fingerprint(state: PyTree) -> dict[str, jax.Array]:
   """A uint32 checksum of every bit of each top-level item of state (params, opt_state, step)."""
-  return {
-    k: sum(
-      (_checksum(x) * np.uint32(2 * i + 1) for i, x in enumerate(jax.tree.leaves(v))), jnp.uint32(0)
-    )
-    for k, v in state.items()
-  }
+  return {k: _checksum(v) for k, v in state.items()}
 
 
 def _fingerprint(state: PyTree) -> dict[str, int]:
   return {k: int(v) for k, v in jax.device_get(fingerprint(state)).items()}
 
 
-def save(
-  mngr: ocp.CheckpointManager, step: int, state: PyTree, data_iter: grain.DatasetIterator
-) -> None:
+def save(mngr: Manager, step: int, state: PyTree, data_iter: DataIter) -> None:
   """Starts an asynchronous save of state, the data position and their fingerprint."""
-  mngr.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iter),
-      fingerprint=ocp.args.JsonSave({'state': _fingerprint(state), 'data': data_iter.get_state()}),
-    ),
+  saved = {'state': _fingerprint(state), 'data': data_iter.get_state()}
+  args = ocp.args.Composite(
+    state=ocp.args.StandardSave(state),
+    data=grain.checkpoint.CheckpointSave(data_iter),
+    fingerprint=ocp.args.JsonSave(saved),
+  )
+  mngr.save(step, args=args)
+
+
+def _abstract(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Shapes and dtypes of tree placed with shardings: the target that Orbax restores into."""
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
 
 
 def _restore_step(
-  mngr: ocp.CheckpointManager, step: int, abstract: PyTree, data_iter: grain.DatasetIterator
+  mngr: Manager, step: int, state_args: ocp.args.CheckpointArgs, data_iter: DataIter | None = None
 ) -> PyTree:
-  """The state of one checkpoint; ValueError if it differs from what was saved."""
-  restored = mngr.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract),
-      data=grain.checkpoint.CheckpointRestore(data_iter),
-      fingerprint=ocp.args.JsonRestore(),
-    ),
-  )
-  saved = restored['fingerprint']
-  if _fingerprint(restored['state']) != saved['state'] or data_iter.get_state() != saved['data']:
-    raise ValueError('its data does not match the fingerprint written with it')
-  return restored['state']
+  """The state of one checkpoint, data_iter moved to it; ValueError(why, in a line) if damaged."""
+  args = {'state': state_args, 'fingerprint': ocp.args.JsonRestore()}
+  if data_iter is not None:
+    args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    state, saved = restored['state'], restored['fingerprint']
+    moved = data_iter is not None and data_iter.get_state() != saved['data']
+    if _fingerprint(state) != {k: saved['state'][k] for k in state} or moved:
+      raise ValueError('its data does not match the fingerprint written with it')
+  # Any error: Orbax and TensorStore raise many types on damaged files.
+  except Exception as e:
+    why = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
+    raise ValueError(why if len(why) <= 200 else why[:197] + '...') from e
+  return state
 
 
-def restore_params(
-  mngr: ocp.CheckpointManager, step: int, params: PyTree, shardings: PyTree
-) -> PyTree:
+def restore_params(mngr: Manager, step: int, params: PyTree, shardings: PyTree) -> PyTree:
   """The parameters of one checkpoint, placed with shardings; ValueError if damaged.
 
   The optimizer state (twice their size) and the data position stay on disk.
   """
-  target = {
-    'params': jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
-    )
-  }
+  target = {'params': _abstract(params, shardings)}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
   try:
-    restored = mngr.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-          target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True,
-        ),
-        fingerprint=ocp.args.JsonRestore(),
-      ),
-    )
-    params = restored['state']['params']
-    if _fingerprint({'params': params})['params'] != restored['fingerprint']['state']['params']:
-      raise ValueError('its data does not match the fingerprint written with it')
-  # Any error: Orbax and TensorStore raise many types on damaged files.
-  except Exception as e:
-    raise ValueError(
-      f'Checkpoint {step} in {mngr.directory} is unreadable ({_one_line(e)}).'
-    ) from e
-  return params
-
-
-def _one_line(e: Exception) -> str:
-  text = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-  return text if len(text) <= 200 else text[:197] + '...'
+    return _restore_step(mngr, step, args)['params']
+  except ValueError as e:
+    raise ValueError(f'Checkpoint {step} in {mngr.directory} is unreadable ({e}).') from e
 
 
 def restore(
-  mngr: ocp.CheckpointManager,
-  state: PyTree,
-  shardings: PyTree,
-  data_iter: grain.DatasetIterator,
-  set_aside: bool = True,
+  mngr: Manager, state: PyTree, shardings: PyTree, data_iter: DataIter, set_aside: bool = True
 ) -> PyTree:
   """The newest checkpoint that reads back intact, placed with shardings; data_iter moved to it.
 
@@ -138,16 +114,13 @@ def restore(
   never deleted) so that the run can save those steps again. ValueError if none can be
   restored; then nothing is renamed.
   """
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-  )
+  args = ocp.args.StandardRestore(_abstract(state, shardings))
   damaged = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      restored = _restore_step(mngr, step, abstract, data_iter)
-    # Any error: Orbax and TensorStore raise many types on damaged files.
-    except Exception as e:
-      damaged.append((step, _one_line(e)))
+      restored = _restore_step(mngr, step, args, data_iter)
+    except ValueError as e:
+      damaged.append((step, str(e)))
       continue
     for bad, error in damaged:
       if jax.process_index():  # process 0 renames and reports for the run
@@ -163,10 +136,8 @@ def restore(
   if not damaged:
     raise ValueError(f'{mngr.directory} has no checkpoint.')
   step, error = damaged[0]
-  raise ValueError(
-    f'No checkpoint in {mngr.directory} can be restored; the newest, step {step}, '
-    f'fails with {error}'
-  )
+  newest = f'the newest, step {step}, fails with {error}'
+  raise ValueError(f'No checkpoint in {mngr.directory} can be restored; {newest}')
 
 
 def _set_aside(path: str) -> str:

@@ -28,6 +28,7 @@ from nanodo.sources import Split
 FORMAT = 2
 _TASK_BYTES = 1 << 20  # text sent to a worker at once
 _PROGRESS_SECONDS = 5.0
+Encoded = list[tuple[np.ndarray, int]]  # each document's ids and the UTF-8 size of its text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,37 +63,27 @@ def read(base: str, expected: dict[str, object]) -> Tokens:
   try:
     with open(base + '.json', encoding='utf-8') as f:
       meta = json.load(f)
-    for key, value in expected.items():
-      if meta.get(key) != value:
-        raise CacheError(f'its {key} changed')
+    changed = [key for key, value in expected.items() if meta.get(key) != value]
+    if changed:
+      raise CacheError(f'its {changed[0]} changed')
     ids = np.memmap(base + '.tokens.bin', np.dtype(meta['dtype']).newbyteorder('<'), mode='r')
     offsets = np.fromfile(base + '.offsets.bin', '<i8')
   except (OSError, ValueError, TypeError) as e:
     if isinstance(e, CacheError):
       raise
     raise CacheError(f'unreadable ({e})') from None
-  if (
-    ids.shape != (meta['num_tokens'],)
-    or str(ids.dtype) != meta['dtype']
-    or offsets.shape != (meta['num_docs'] + 1,)
-    or offsets[0] != 0
-    or offsets[-1] != meta['num_tokens']
-    or np.any(np.diff(offsets) < 2)
-  ):
+  layout = ((meta['num_tokens'],), meta['dtype'], (meta['num_docs'] + 1,))
+  whole = (ids.shape, str(ids.dtype), offsets.shape) == layout
+  if not whole or offsets[0] != 0 or offsets[-1] != len(ids) or np.any(np.diff(offsets) < 2):
     raise CacheError('its arrays do not match its metadata (corrupt)')
   return Tokens(ids, offsets, meta['num_bytes'])
 
 
-def _encode(
-  sp: spm.SentencePieceProcessor, docs: list[str], threads: int
-) -> list[tuple[np.ndarray, int]]:
+def _encode(sp: spm.SentencePieceProcessor, docs: list[str], threads: int) -> Encoded:
   """Each document's ids with BOS and EOS, and the UTF-8 size of their decoded text."""
-  ids = sp.encode(docs, num_threads=threads)
-  texts = sp.decode(ids, num_threads=threads)
-  return [
-    (np.asarray([sp.bos_id(), *x, sp.eos_id()], np.int32), len(t.encode('utf-8')))
-    for x, t in zip(ids, texts, strict=True)
-  ]
+  ids = sp.encode(docs, add_bos=True, add_eos=True, num_threads=threads)
+  sizes = [len(text.encode('utf-8')) for text in sp.decode(ids, num_threads=threads)]
+  return [(np.asarray(x, np.int32), n) for x, n in zip(ids, sizes, strict=True)]
 
 
 _worker_sp = None
@@ -103,7 +94,7 @@ def _init_worker(model_proto: bytes) -> None:
   _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
 
-def _encode_in_worker(docs: list[str]) -> list[tuple[np.ndarray, int]]:
+def _encode_in_worker(docs: list[str]) -> Encoded:
   return _encode(_worker_sp, docs, threads=1)
 
 
@@ -120,29 +111,22 @@ def _tasks(docs: Iterable[str]) -> Iterator[list[str]]:
     yield task
 
 
-def encoded(
-  docs: Iterable[str], sp: spm.SentencePieceProcessor, workers: int
-) -> Iterator[list[tuple[np.ndarray, int]]]:
-  """Encoded groups of documents, in order: in this process with SentencePiece's threads (one
-  per core), or with workers > 1, by that many processes (each first imports the program).
-  """
-  if workers == 1:
+def encoded(docs: Iterable[str], sp: spm.SentencePieceProcessor, workers: int) -> Iterator[Encoded]:
+  """Encoded groups of documents, in order; with workers > 1, by that many processes."""
+  if workers == 1:  # SentencePiece's threads, one per core
     yield from (_encode(sp, task, threads=os.cpu_count() or 1) for task in _tasks(docs))
     return
-  # spawn, not fork: the parent may run JAX threads.
+  # spawn, not fork: the parent may run JAX threads. Each worker first imports the program.
+  spawn = multiprocessing.get_context('spawn')
   with futures.ProcessPoolExecutor(
-    workers,
-    mp_context=multiprocessing.get_context('spawn'),
-    initializer=_init_worker,
-    initargs=(sp.serialized_model_proto(),),
+    workers, mp_context=spawn, initializer=_init_worker, initargs=(sp.serialized_model_proto(),)
   ) as pool:
     pending = collections.deque()
     for task in _tasks(docs):
       pending.append(pool.submit(_encode_in_worker, task))
       if len(pending) > 2 * workers:  # bounded: the source is read as fast as it is encoded
         yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
+    yield from (future.result() for future in pending)
 
 
 def build(
@@ -152,12 +136,12 @@ def build(
   os.makedirs(os.path.dirname(base) or '.', exist_ok=True)
   dtype = np.dtype(np.uint16 if sp.vocab_size() <= 1 << 16 else np.int32)
   tmp = f'{base}.tmp{os.getpid()}'
-  tokens, offsets_file, meta_file = (tmp + s for s in ('.tokens.bin', '.offsets.bin', '.json'))
+  files = ('.tokens.bin', '.offsets.bin', '.json')
   start = last = time.time()
   offsets, num_bytes = [0], 0
   log(f'Building the token cache {base} with {workers} worker(s)...')
   try:
-    with open(tokens, 'wb') as f:
+    with open(tmp + '.tokens.bin', 'wb') as f:
       for group in encoded(split.documents(), sp, workers):
         for ids, size in group:
           f.write(ids.astype(dtype.newbyteorder('<')).tobytes())
@@ -169,28 +153,18 @@ def build(
           log(f'  {len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens, {rate:.1f} MB/s')
     if len(offsets) == 1:
       raise ValueError(f'{split.name} has no documents.')
-    np.asarray(offsets, '<i8').tofile(offsets_file)
-    with open(meta_file, 'w', encoding='utf-8') as f:
-      json.dump(
-        {
-          **meta,
-          'dtype': dtype.name,
-          'num_docs': len(offsets) - 1,
-          'num_tokens': offsets[-1],
-          'num_bytes': num_bytes,
-        },
-        f,
-        indent=1,
-      )
+    np.asarray(offsets, '<i8').tofile(tmp + '.offsets.bin')
+    sizes = {'num_docs': len(offsets) - 1, 'num_tokens': offsets[-1], 'num_bytes': num_bytes}
+    with open(tmp + '.json', 'w', encoding='utf-8') as f:
+      json.dump({**meta, 'dtype': dtype.name, **sizes}, f, indent=1)
     # Metadata goes last: until it is there, readers see no cache and build their own.
     with contextlib.suppress(FileNotFoundError):
       os.remove(base + '.json')
-    os.replace(tokens, base + '.tokens.bin')
-    os.replace(offsets_file, base + '.offsets.bin')
-    os.replace(meta_file, base + '.json')
+    for suffix in files:  # '.json' last
+      os.replace(tmp + suffix, base + suffix)
   finally:
-    for path in (tokens, offsets_file, meta_file):
-      if os.path.exists(path):
-        os.remove(path)
+    for suffix in files:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp + suffix)
   seconds = time.time() - start
   log(f'Token cache {base}: {len(offsets) - 1} documents, {offsets[-1]} tokens in {seconds:.1f}s.')

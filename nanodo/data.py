@@ -8,7 +8,6 @@ reads only its slice of every batch.
 
 import bisect
 import dataclasses
-import functools
 
 import grain
 import jax
@@ -28,10 +27,7 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-  """Rows as spans of a token array, each span one segment of its row.
-
-  Span s is ids[starts[s]:starts[s] + lengths[s]]; row r holds spans first[r] to first[r + 1].
-  """
+  """Row r: spans (its segments) first[r] to first[r + 1]; span s: ids[starts[s]:][:lengths[s]]."""
 
   starts: np.ndarray
   lengths: np.ndarray
@@ -42,10 +38,8 @@ class Rows:
 
 
 def chunks(offsets: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
-  """Starts and lengths of each document's pieces of at most L tokens, overlapping by one token.
-
-  A piece's first token is context only, so every token but a document's first is a target once.
-  """
+  """Starts and lengths of each document's pieces of at most L tokens, overlapping by one token."""
+  # A piece's first token is context only, so every token but a document's first is a target once.
   n_D = np.diff(offsets)
   k_D = np.maximum(1, -(-(n_D - 1) // (L - 1)))
   doc_C = np.repeat(np.arange(len(n_D)), k_D)
@@ -55,10 +49,7 @@ def chunks(offsets: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack(lengths: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pieces grouped into rows of at most L tokens: each row filled with the longest that fit.
-
-  Returns the pieces in row order and where each row starts in that order.
-  """
+  """Pieces in row order and where each row starts: rows of L tokens filled longest first."""
   stacks = {int(n): list(np.flatnonzero(lengths == n)[::-1]) for n in np.unique(lengths)}
   sizes = sorted(stacks)  # lengths with pieces left
   order, first = [], [0]
@@ -81,16 +72,6 @@ def packed_rows(offsets: np.ndarray, L: int) -> Rows:
   starts, lengths = chunks(offsets, L)
   order, first = pack(lengths, L)
   return Rows(starts[order], lengths[order], first)
-
-
-def concat_rows(num_tokens: int, L: int) -> Rows:
-  """The original's rows: the token stream cut into rows of L that overlap by one token."""
-  num_rows = (num_tokens - 1) // (L - 1)
-  return Rows(
-    np.arange(num_rows, dtype=np.int64) * (L - 1),
-    np.full(num_rows, L, np.int64),
-    np.arange(num_rows + 1, dtype=np.int64),
-  )
 
 
 def read_row(ids: np.ndarray, rows: Rows, L: int, r: int) -> Batch:
@@ -155,7 +136,9 @@ def train_rows(tokens: Tokens, L: int, packing: str) -> Rows:
   """The training rows of a split for a packing mode (one of PACKINGS)."""
   if packing == 'packed':
     return packed_rows(tokens.offsets, L)
-  return concat_rows(len(tokens.ids), L)
+  # The original's rows: the token stream cut into rows of L that overlap by one token.
+  num_rows = (len(tokens.ids) - 1) // (L - 1)
+  return Rows(np.arange(num_rows) * (L - 1), np.full(num_rows, L), np.arange(num_rows + 1))
 
 
 def train_dataset(
@@ -167,22 +150,17 @@ def train_dataset(
   shard: grain.sharding.ShardOptions = ONE_PROCESS,
   sharding: jax.sharding.NamedSharding | None = None,
 ) -> grain.IterDataset:
-  """This shard's part of every global batch of batch_size rows, shuffled anew every epoch.
-
-  All processes shuffle alike and each reads only its slice of every batch: the global batches
-  do not depend on the number of processes. With a sharding, the global batches on its mesh.
-  """
+  """This shard's part of every global batch (on sharding's mesh if given), reshuffled per epoch."""
   rows = train_rows(tokens, L, packing)
   if len(rows) < batch_size:
-    raise ValueError(
-      f'The corpus has {len(rows)} rows of L={L} tokens, fewer than a batch of '
-      f'{batch_size}; lower batch_size or model.L, or use more data.'
-    )
+    fewer = f'The corpus has {len(rows)} rows of L={L} tokens, fewer than a batch of {batch_size}'
+    raise ValueError(f'{fewer}; lower batch_size or model.L, or use more data.')
+  # All processes shuffle alike and each reads its slice: batches do not depend on the processes.
   mine = _mine(batch_size, shard)
   ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.map(lambda r_B: read_rows(tokens.ids, rows, L, r_B[mine])).to_iter_dataset()
-  return ds if sharding is None else ds.map(functools.partial(global_batch, sharding=sharding))
+  return ds if sharding is None else ds.map(lambda local: global_batch(local, sharding))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,21 +174,13 @@ class EvalData:
 def eval_data(
   tokens: Tokens, L: int, batch_size: int, shard: grain.sharding.ShardOptions = ONE_PROCESS
 ) -> EvalData:
-  """Every held-out document in packed rows, padded with empty rows to full global batches.
-
-  Rows are packed whatever the training packing: segments keep documents apart, so the loss is
-  that of each document scored on its own.
-  """
+  """Every held-out document in packed rows, padded with empty rows to full global batches."""
+  # Packed whatever the training packing: segments keep documents apart, each scored on its own.
   rows = packed_rows(tokens.offsets, L)
-  num_batches = -(-len(rows) // batch_size)
-  empty = num_batches * batch_size - len(rows)
-  every = {
-    k: np.pad(v, ((0, empty), (0, 0)))
-    for k, v in read_rows(tokens.ids, rows, L, np.arange(len(rows))).items()
-  }
+  num_rows = -(-len(rows) // batch_size) * batch_size
+  # The padding rows hold no spans: all padding, with weight 0.
+  rows = Rows(rows.starts, rows.lengths, np.pad(rows.first, (0, num_rows - len(rows)), 'edge'))
   mine = _mine(batch_size, shard)
-  batches = [
-    {k: v.reshape(num_batches, batch_size, L)[b, mine] for k, v in every.items()}
-    for b in range(num_batches)
-  ]
+  r_batches = np.arange(num_rows).reshape(-1, batch_size)
+  batches = [read_rows(tokens.ids, rows, L, r_B[mine]) for r_B in r_batches]
   return EvalData(batches, tokens.num_bytes)

@@ -1,8 +1,10 @@
 """Step metrics and where they go: JSON lines, TensorBoard and (if configured) Weights & Biases."""
 
+import contextlib
 import importlib.metadata
 import json
 import os
+import pathlib
 import platform
 import re
 import statistics
@@ -33,11 +35,9 @@ def param_counts(params: PyTree) -> dict[str, int]:
 
 
 def model_flops_per_token(params: PyTree, D: int, L: int, N: int, V: int) -> float:
-  """Training FLOPs of one token: 6·P + 12·N·L·D + 6·D·V, P the non-embedding parameters.
-
-  The attention term counts all L positions (causal masking not discounted).
-  """
-  # The output projection (tied or not) is the 6·D·V term; embedding lookups cost no FLOPs.
+  """Training FLOPs of one token: 6·P + 12·N·L·D + 6·D·V, P the non-embedding parameters."""
+  # Attention counts all L positions (causal masking not discounted); the output projection
+  # (tied or not) is the 6·D·V term; embedding lookups cost no FLOPs.
   return 6 * param_counts(params)['non_embedding'] + 12 * N * L * D + 6 * D * V
 
 
@@ -78,10 +78,7 @@ def git_commit() -> str | None:
 
 
 def drop_rows_after(workdir_path: str, step: int) -> None:
-  """Rewrites workdir/metrics.jsonl without the rows of later steps and without a torn last line.
-
-  A resumed run then logs each step once. The file is replaced atomically.
-  """
+  """Rewrites workdir/metrics.jsonl, atomically, without rows of later steps or a torn last line."""
   path = os.path.join(workdir_path, workdir.METRICS)
   if not os.path.exists(path):
     return
@@ -89,11 +86,9 @@ def drop_rows_after(workdir_path: str, step: int) -> None:
     lines = f.readlines()
   kept = []
   for line in lines:
-    try:
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
       if json.loads(line)['step'] <= step and line.endswith('\n'):
         kept.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass  # a line torn by a kill mid-write
   if kept != lines:
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
       f.writelines(kept)
@@ -101,34 +96,24 @@ def drop_rows_after(workdir_path: str, step: int) -> None:
 
 
 class Writer:
-  """Writes metrics of logged steps to every sink from one call.
-
-  Always: workdir/metrics.jsonl (one object per call, flushed at once) and TensorBoard event files
-  in the workdir; with c.wandb_project, a Weights & Biases run (resumed with the workdir). The
-  hyper-parameters (config, package versions, git commit) are recorded once, at construction.
-  Only process 0 writes: every process computes the same metrics.
-  """
+  """Writes each logged step's metrics to metrics.jsonl, TensorBoard and (if configured) W&B."""
 
   def __init__(self, c: ml_collections.ConfigDict, step: int):
+    """Opens the sinks and records the hyper-parameters: config, package versions, git commit."""
+    # Only process 0 writes: every process computes the same metrics.
     self.is_main = jax.process_index() == 0
-    self.path = os.path.join(c.workdir, workdir.METRICS)
     self._file = self._tb = self._wandb = None
     if not self.is_main:
       return
-    self._file = open(self.path, 'a', encoding='utf-8')
+    self._file = open(os.path.join(c.workdir, workdir.METRICS), 'a', encoding='utf-8')
     # A resumed run's TensorBoard hides the events of steps after the restored one.
     self._tb = tensorboardX.SummaryWriter(c.workdir, purge_step=step + 1 if step else None)
-    hparams = {
-      'step': step,
-      'time': time.time(),
-      'config': json.loads(c.to_json_best_effort()),
-      'versions': versions(),
-      'git_commit': git_commit(),
-    }
+    started, config = time.time(), json.loads(c.to_json_best_effort())
+    hparams = {'config': config, 'versions': versions(), 'git_commit': git_commit()}
     with open(os.path.join(c.workdir, workdir.HPARAMS), 'a', encoding='utf-8') as f:
-      f.write(json.dumps(hparams) + '\n')
-    for key in ('config', 'versions', 'git_commit'):
-      self._tb.add_text(f'hparams/{key}', f'```\n{json.dumps(hparams[key], indent=2)}\n```', step)
+      f.write(json.dumps({'step': step, 'time': started, **hparams}) + '\n')
+    for key, value in hparams.items():
+      self._tb.add_text(f'hparams/{key}', f'```\n{json.dumps(value, indent=2)}\n```', step)
     self._tb.flush()
     if c.wandb_project:
       self._wandb = _wandb_run(c, hparams)
@@ -159,36 +144,23 @@ def _wandb_run(c: ml_collections.ConfigDict, hparams: dict) -> object:
   """A W&B run named after the workdir; its id is kept there so that a resumed run continues it."""
   import wandb  # Only when configured: an optional dependency.
 
-  id_path = os.path.join(c.workdir, workdir.WANDB_ID)
-  if os.path.exists(id_path):
-    with open(id_path, encoding='utf-8') as f:
-      run_id = f.read().strip()
-  else:
-    run_id = uuid.uuid4().hex[:12]
-    with open(id_path, 'w', encoding='utf-8') as f:
-      f.write(run_id)
-  config = {
-    **hparams['config'],
-    'versions': hparams['versions'],
-    'git_commit': hparams['git_commit'],
-  }
+  id_path = pathlib.Path(c.workdir, workdir.WANDB_ID)
+  if not id_path.exists():
+    id_path.write_text(uuid.uuid4().hex[:12], encoding='utf-8')
+  config = dict(hparams['config'], versions=hparams['versions'], git_commit=hparams['git_commit'])
   return wandb.init(
     project=c.wandb_project,
     entity=c.wandb_entity or None,
     config=config,
     dir=c.workdir,
-    id=run_id,
+    id=id_path.read_text(encoding='utf-8').strip(),
     resume='allow',
     name=os.path.basename(os.path.abspath(c.workdir)),
   )
 
 
 class StepLogger:
-  """Logs each step's metrics one step late, with the wall-clock tokens/s and MFU.
-
-  The host reads step n's metrics while the device runs step n + 1. A step's time runs from the
-  log of the step before it; restart() starts the clock anew after work that is no step's.
-  """
+  """Logs each step's metrics one step late, with the wall-clock tokens/s and MFU."""
 
   # The step metrics shown on the console (all of them go to the metrics files).
   CONSOLE = ('loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'mfu')
@@ -202,9 +174,7 @@ class StepLogger:
     self.flops_per_token = flops_per_token
     self.peak_flops = c.peak_tflops * 1e12 or matmul_flops_per_sec() * jax.device_count()
     self.pending: tuple[int, dict[str, jax.Array]] | None = None
-    self.restart()
-
-  def restart(self) -> None:
+    # A step's time runs from the log of the step before it, or from the end of an evaluation.
     self.t_last = time.time()
 
   def push(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
@@ -216,9 +186,8 @@ class StepLogger:
     """Logs the held step (waiting for it); FloatingPointError if a metric is not finite."""
     if self.pending is None:
       return
-    step, values = self.pending[0], jax.device_get(self.pending[1])
-    self.pending = None
-    values = {k: float(v) for k, v in values.items()}
+    (step, step_metrics), self.pending = self.pending, None
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     # Stops before a non-finite state is logged as good or saved over a good checkpoint.
     if bad := [f'{k} is {v}' for k, v in values.items() if not np.isfinite(v)]:
       kept = 'Stopped without saving this state; the checkpoints of earlier steps are kept.'
@@ -235,7 +204,7 @@ class StepLogger:
     """Writes and shows held-out metrics; the next step's clock starts after them."""
     self.writer.write(step, {f'eval_{k}': v for k, v in result.items()})
     log(f'eval at step {step} | ' + ' | '.join(f'{k} {fmt(v)}' for k, v in result.items()))
-    self.restart()
+    self.t_last = time.time()
 
   def close(self) -> None:
     self.writer.close()

@@ -34,10 +34,8 @@ def get_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
     decay = optax.constant_schedule(peak)
   elif o.decay_type == 'wsd':
     cooldown = round(o.wsd_decay_fraction * decay_steps)
-    decay = optax.join_schedules(
-      [optax.constant_schedule(peak), optax.linear_schedule(peak, final, cooldown)],
-      [decay_steps - cooldown],
-    )
+    stable, cool = optax.constant_schedule(peak), optax.linear_schedule(peak, final, cooldown)
+    decay = optax.join_schedules([stable, cool], [decay_steps - cooldown])
   else:
     raise ValueError(f'opt.decay_type={o.decay_type!r} is not valid; valid: {SCHEDULES}.')
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
@@ -63,11 +61,8 @@ def scale_by_path(spec: str) -> optax.GradientTransformation:
   def multiplier(path: tuple) -> float:
     return next((m for pattern, m in rules if re.search(pattern, path_str(path))), 1.0)
 
-  return optax.stateless(
-    lambda updates, params=None: jax.tree_util.tree_map_with_path(
-      lambda path, u: u * multiplier(path), updates
-    )
-  )
+  scale = lambda updates: jax.tree_util.tree_map_with_path(lambda p, u: u * multiplier(p), updates)
+  return optax.stateless(lambda updates, params=None: scale(updates))
 
 
 def muon_dims(params: PyTree) -> PyTree:
@@ -101,12 +96,10 @@ def get_optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
     tx = optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
   elif o.optimizer == 'adafactor':
     # Optax's Adafactor decays by a fixed rate per step: AdamW's decay at the peak learning rate.
-    tx = optax.adafactor(
-      schedule,
-      weight_decay_rate=o.weight_decay * o.peak_learning_rate or None,
-      weight_decay_mask=mask,
-    )
+    rate = o.weight_decay * o.peak_learning_rate or None
+    tx = optax.adafactor(schedule, weight_decay_rate=rate, weight_decay_mask=mask)
   elif o.optimizer == 'muon':
+    # Muon on the blocks' matrices, with momentum b1; AdamW on the rest.
     tx = optax.contrib.muon(
       schedule,
       beta=o.b1,

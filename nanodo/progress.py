@@ -1,7 +1,4 @@
-"""The console: log lines and counted loops (rich bars on a terminal, plain lines otherwise).
-
-Only process 0 of a run prints: the others would repeat it.
-"""
+"""Process 0's console: log lines and counted loops (rich bars on a terminal, else plain lines)."""
 
 import itertools
 import math
@@ -31,30 +28,14 @@ def _duration(seconds: float) -> str:
 
 def log(line: str) -> None:
   """Prints a line from process 0: above the live bars if there are any, else on stdout."""
-  if jax.process_index():
-    return
   if _active is not None:
-    _active.log(line)
-  else:
+    _active.log(line)  # on the other processes, a Progress writes to os.devnull
+  elif jax.process_index() == 0:
     print(line, flush=True)
 
 
-class _Plain:
-  """A loop shown as plain lines; its rate is measured from its first update (after compiling)."""
-
-  def __init__(self, name: str, total: int, every: int):
-    self.name, self.total, self.every = name, total, every
-    self.start_time = time.time()
-    self.first: tuple[int, float] | None = None  # count and time at the first update
-
-
 class Progress:
-  """Counted loops, each shown with step / total, its numbers, the elapsed time and an ETA.
-
-  On a terminal (or with bar=True) the loops are live rich bars and log lines print above them;
-  otherwise a loop prints a plain line at its first update, every `every` steps and at its end
-  (every=0: none), and log lines print as they are.
-  """
+  """Counted loops with step / total, numbers, elapsed time and ETA: live bars on a terminal."""
 
   def __init__(self, file: TextIO | None = None, bar: bool | None = None):
     global _active
@@ -63,7 +44,9 @@ class Progress:
     if jax.process_index():
       self.file, bar = open(os.devnull, 'w'), False
     self.bar = self.file.isatty() if bar is None else bar
-    self._plain: dict[int, _Plain] = {}
+    self._plain: dict[int, tuple[str, int, int, float]] = {}  # name, total, every, start time
+    # Each plain loop's count and time at its first update: its rate leaves out compiling.
+    self._first: dict[int, tuple[int, float]] = {}
     self._ids = itertools.count()
     self._rich = None
     if self.bar:
@@ -88,11 +71,11 @@ class Progress:
     self.close()
 
   def add(self, name: str, total: int, done: int = 0, every: int = 0) -> int:
-    """Starts showing a loop of total steps, done of them already; returns its id."""
+    """Starts a loop of total steps, done already; a plain line every `every` steps (0: none)."""
     if self._rich is not None:
       return self._rich.add_task(name, total=total, completed=done, info='')
     task = next(self._ids)
-    self._plain[task] = _Plain(name, total, every)
+    self._plain[task] = (name, total, every, time.time())
     return task
 
   def update(self, task: int, done: int, info: dict[str, float] | None = None) -> None:
@@ -101,20 +84,15 @@ class Progress:
     if self._rich is not None:
       self._rich.update(task, completed=done, info=text)
       return
-    p, now = self._plain[task], time.time()
-    first = p.first is None
-    if first:
-      p.first = (done, now)
-    if not p.every or not (first or done % p.every == 0 or done == p.total):
+    (name, total, every, start_time), now = self._plain[task], time.time()
+    first = task not in self._first
+    first_done, first_time = self._first.setdefault(task, (done, now))
+    if not every or not (first or done % every == 0 or done == total):
       return
-    rate = (done - p.first[0]) / (now - p.first[1]) if done > p.first[0] else 0.0
-    count = f'{done:>{len(str(p.total))}}/{p.total}'
-    parts = [
-      f'{p.name} {count}',
-      text,
-      f'elapsed {_duration(now - p.start_time)}',
-      f'eta {_duration((p.total - done) / rate)}' if rate else '',
-    ]
+    rate = (done - first_done) / (now - first_time) if done > first_done else 0.0
+    eta = f'eta {_duration((total - done) / rate)}' if rate else ''
+    count = f'{done:>{len(str(total))}}/{total}'
+    parts = [f'{name} {count}', text, f'elapsed {_duration(now - start_time)}', eta]
     self.log(' | '.join(filter(None, parts)))
 
   def remove(self, task: int) -> None:
@@ -123,6 +101,7 @@ class Progress:
       self._rich.remove_task(task)
     else:
       self._plain.pop(task)
+      self._first.pop(task, None)
 
   def log(self, line: str) -> None:
     """Prints a line (above the bars on a terminal)."""

@@ -1,10 +1,9 @@
 """Generation from a checkpoint: prefill the prompts, then one token per step with a KV cache."""
 
 import dataclasses
-import functools
-import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TextIO
 
 import jax
@@ -18,9 +17,6 @@ from nanodo.model import LayerCache, ModelConfig, TransformerDecoder
 from nanodo.progress import Progress
 from nanodo.tree import PyTree
 from nanodo.workdir import Run
-
-# Called with the step and each row's new token (PAD once a row has ended), as they are made.
-OnToken = Callable[[np.ndarray, np.ndarray], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +35,33 @@ class Sampling:
     if self.top_k < 0:
       raise ValueError(f'top_k={self.top_k} is not valid: must be >= 0 (0: no cut).')
 
+  def next_token(self, logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array) -> jax.Array:
+    """Each row's next token; the draw of step uses the row's key folded with it."""
+    if self.temperature == 0:
+      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV / self.temperature
+    if self.top_k:
+      kth_Bx1 = jax.lax.top_k(logits_BxV, min(self.top_k, logits_BxV.shape[-1]))[0][:, -1:]
+      logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if self.top_p < 1:
+      sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
+      probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+      # The fewest most probable tokens whose mass reaches top_p: those with less before them.
+      before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+      kept_BxV = jnp.where(before_BxV < self.top_p, sorted_BxV, jnp.inf)
+      min_Bx1 = jnp.min(kept_BxV, axis=-1, keepdims=True)
+      logits_BxV = jnp.where(logits_BxV < min_Bx1, -jnp.inf, logits_BxV)
+    keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+
 
 def check_request(prompts: list[str], max_new_tokens: int, num_samples: int) -> None:
   """Raises ValueError for a request that cannot work, before any model is loaded."""
   if not prompts or not all(prompts):
     raise ValueError('The prompt is empty: give some text, e.g. --prompt="ROMEO:".')
-  if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens} is not valid: must be a positive integer.')
-  if num_samples < 1:
-    raise ValueError(f'num_samples={num_samples} is not valid: must be a positive integer.')
+  for key, value in (('max_new_tokens', max_new_tokens), ('num_samples', num_samples)):
+    if value < 1:
+      raise ValueError(f'{key}={value} is not valid: must be a positive integer.')
 
 
 def init_cache(cfg: ModelConfig, B: int) -> list[LayerCache]:
@@ -56,21 +70,15 @@ def init_cache(cfg: ModelConfig, B: int) -> list[LayerCache]:
   return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.N)]
 
 
-def encode_prompts(
-  sp: spm.SentencePieceProcessor, prompts: list[str], L: int, max_new_tokens: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded ids (BOS first) and lengths; refuses to generate past the context L."""
-  ids = [[sp.bos_id(), *sp.encode(p)] for p in prompts]
-  for x in ids:
-    if len(x) > L:
-      raise ValueError(f'The prompt is {len(x)} tokens (with BOS), longer than the context L={L}.')
-    if len(x) + max_new_tokens > L:
-      raise ValueError(
-        f'{len(x)} prompt tokens + max_new_tokens={max_new_tokens} exceed the context L={L}; '
-        f'learned positions cannot extrapolate: ask for at most {L - len(x)} new tokens.'
-      )
+def pad_prompts(ids: list[list[int]], L: int, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded prompt ids (BOS first) and lengths; refuses to generate past the context L."""
   prompt_BxP = np.zeros((len(ids), max(map(len, ids))), np.int32)
   for row, x in zip(prompt_BxP, ids, strict=True):
+    if len(x) + max_new_tokens > L:
+      too_long = f'The prompt is {len(x)} tokens (with BOS), longer than the context L={L}.'
+      over = f'{len(x)} prompt tokens + max_new_tokens={max_new_tokens} exceed the context L={L}'
+      room = f'learned positions cannot extrapolate: ask for at most {L - len(x)} new tokens.'
+      raise ValueError(too_long if len(x) > L else f'{over}; {room}')
     row[: len(x)] = x
   return prompt_BxP, np.asarray([len(x) for x in ids], np.int32)
 
@@ -80,60 +88,30 @@ def row_keys(seed: int, B: int) -> jax.Array:
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(B))
 
 
-def next_token(
-  logits_BxV: jax.Array, keys_B: jax.Array, step: int | jax.Array, sampling: Sampling
-) -> jax.Array:
-  """Each row's next token under sampling; the draw of step uses the row's key folded with it."""
-  if sampling.temperature == 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV / sampling.temperature
-  if sampling.top_k:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-  if sampling.top_p < 1:
-    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # The fewest most probable tokens whose mass reaches top_p: those with less before them.
-    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    kept_BxV = jnp.where(before_BxV < sampling.top_p, sorted_BxV, jnp.inf)
-    min_Bx1 = jnp.min(kept_BxV, axis=-1, keepdims=True)
-    logits_BxV = jnp.where(logits_BxV < min_Bx1, -jnp.inf, logits_BxV)
-  keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
-  return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
-
-
-Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, list[LayerCache]]
+OnToken = Callable[[np.ndarray, np.ndarray], None]  # (step, token_B), PAD once a row has ended
 
 
 def _decode_step(
-  model: TransformerDecoder,
-  keys_B: jax.Array,
-  sampling: Sampling,
-  eos_id: int,
-  on_token: OnToken | None,
-  carry: Carry,
-) -> Carry:
-  """Records each row's token, then feeds it through the model (one position) for the next."""
-  step, token_B, pos_B, done_B, out_BxS, cache = carry
-  token_B = jnp.where(done_B, tokenizer.PAD_ID, token_B)
+  model: TransformerDecoder, sampling: Sampling, eos_id: int, on_token: OnToken | None, carry: tuple
+) -> tuple:
+  """Chooses and records each row's token, then feeds it through the model; keys_B ride along."""
+  step, logits_BxV, pos_B, done_B, out_BxS, cache, keys_B = carry
+  token_B = jnp.where(done_B, tokenizer.PAD_ID, sampling.next_token(logits_BxV, keys_B, step))
   out_BxS = out_BxS.at[:, step].set(token_B)
   if on_token is not None:
     # Unordered: ordered effects need a single device; the step tells the order.
     jax.debug.callback(on_token, step, token_B)
   done_B = done_B | (token_B == eos_id)
   logits_Bx1xV, cache = model.decode(token_B[:, None], pos_B[:, None], cache)
-  token_B = next_token(logits_Bx1xV[:, 0], keys_B, step + 1, sampling)
-  return step + 1, token_B, pos_B + 1, done_B, out_BxS, cache
+  return step + 1, logits_Bx1xV[:, 0], pos_B + 1, done_B, out_BxS, cache, keys_B
 
 
-def _running(max_new_tokens: int, carry: Carry) -> jax.Array:
-  step, _, _, done_B, _, _ = carry
-  return (step < max_new_tokens) & ~jnp.all(done_B)
+def _running(carry: tuple) -> jax.Array:
+  step, _, _, done_B, out_BxS, _, _ = carry
+  return (step < out_BxS.shape[1]) & ~jnp.all(done_B)
 
 
-@functools.partial(
-  jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'sampling', 'eos_id', 'on_token')
-)
+@partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'sampling', 'eos_id', 'on_token'))
 def generate(
   graphdef: nnx.GraphDef,
   params: PyTree,
@@ -151,15 +129,11 @@ def generate(
   B, P = prompt_BxP.shape
   pos_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
   logits_BxPxV, cache = model.decode(prompt_BxP, pos_BxP, init_cache(model.cfg, B))
-  token_B = next_token(logits_BxPxV[jnp.arange(B), length_B - 1], keys_B, 0, sampling)
+  logits_BxV = logits_BxPxV[jnp.arange(B), length_B - 1]
   out_BxS = jnp.full((B, max_new_tokens), tokenizer.PAD_ID, jnp.int32)
-  carry = (0, token_B, length_B, jnp.zeros(B, bool), out_BxS, cache)
-  carry = jax.lax.while_loop(
-    functools.partial(_running, max_new_tokens),
-    functools.partial(_decode_step, model, keys_B, sampling, eos_id, on_token),
-    carry,
-  )
-  return carry[4]
+  carry = (0, logits_BxV, length_B, jnp.zeros(B, bool), out_BxS, cache, keys_B)
+  body = partial(_decode_step, model, sampling, eos_id, on_token)
+  return jax.lax.while_loop(_running, body, carry)[4]
 
 
 def to_text(sp: spm.SentencePieceProcessor, ids: list[int]) -> str:
@@ -170,9 +144,8 @@ def to_text(sp: spm.SentencePieceProcessor, ids: list[int]) -> str:
 class Printer:
   """Prints one row's text as its tokens arrive; pass the same one to every call (one compile)."""
 
-  def __init__(self, sp: spm.SentencePieceProcessor, file: TextIO = sys.stdout):
+  def __init__(self, sp: spm.SentencePieceProcessor, file: TextIO | None = None):
     self.sp, self.file = sp, file
-    self.ids, self.early, self.text = [], {}, ''
 
   def begin(self, header: str, prompt: str) -> None:
     """Starts a row: prints its header and prompt."""
@@ -206,40 +179,27 @@ def sample(
   printer: Printer | None = None,
   progress: Progress | None = None,
 ) -> list[str]:
-  """Continuations of each prompt, num_samples each (prompt-major), all rows in one batch.
-
-  With a printer, rows run one at a time so that each streams whole; the samples are the same.
-  A progress shows the samples done and the new tokens per second.
-  """
+  """Continuations of each prompt, num_samples each (prompt-major), batched or streamed by row."""
   check_request(prompts, max_new_tokens, num_samples)
   rows = [p for p in prompts for _ in range(num_samples)]
-  prompt_BxP, length_B = encode_prompts(model.sp, rows, model.cfg.L, max_new_tokens)
+  ids = [[model.sp.bos_id(), *model.sp.encode(p)] for p in rows]
+  prompt_BxP, length_B = pad_prompts(ids, model.cfg.L, max_new_tokens)
   keys_B = row_keys(seed, len(rows))
-  run = functools.partial(
-    generate,
-    model.graphdef,
-    model.params,
-    max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    eos_id=model.sp.eos_id(),
-    on_token=printer,
-  )
+  kwargs = {'max_new_tokens': max_new_tokens, 'sampling': sampling, 'eos_id': model.sp.eos_id()}
+  run = partial(generate, model.graphdef, model.params, on_token=printer, **kwargs)
   task = progress.add('sample', len(rows), every=1) if progress else None
-  if printer is None:
-    out_BxS = np.asarray(run(prompt_BxP, length_B, keys_B))
-    if progress:
-      progress.update(task, len(rows), {'tokens': np.sum(out_BxS != tokenizer.PAD_ID)})
-    return [to_text(model.sp, ids) for ids in out_BxS.tolist()]
+  batches = [slice(b, b + 1) for b in range(len(rows))] if printer else [slice(None)]
   texts, tokens, first = [], [], 0.0
-  for b, prompt in enumerate(rows):
-    printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', prompt)
-    ids = np.asarray(run(prompt_BxP[b : b + 1], length_B[b : b + 1], keys_B[b : b + 1]))[0]
-    texts.append(to_text(model.sp, ids.tolist()))
-    printer.end(texts[-1])
-    tokens.append(np.sum(ids != tokenizer.PAD_ID))
+  for b, batch in enumerate(batches):
+    if printer:
+      printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', rows[b])
+    out_BxS = np.asarray(run(prompt_BxP[batch], length_B[batch], keys_B[batch]))
+    texts += [to_text(model.sp, row) for row in out_BxS.tolist()]
+    tokens.append(np.sum(out_BxS != tokenizer.PAD_ID))
+    if printer:
+      printer.end(texts[-1])
     if progress:
-      # The rate of the rows after the first, whose time includes compiling.
-      first = first or time.time()
+      first = first or time.time()  # the rate leaves out the first batch: its time has compiling
       rate = {'tokens_per_sec': sum(tokens[1:]) / (time.time() - first)} if b else {}
-      progress.update(task, b + 1, {'tokens': sum(tokens), **rate})
+      progress.update(task, len(texts), {'tokens': sum(tokens), **rate})
   return texts

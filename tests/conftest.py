@@ -1,6 +1,7 @@
-"""Shared test helpers: a tiny config and the shipped tokenizer."""
+"""Shared test helpers: a tiny config, the shipped tokenizer, a finished run, the command line."""
 
 import os
+import subprocess
 import sys
 
 import ml_collections
@@ -14,6 +15,8 @@ from nanodo.token_cache import Tokens
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 VOCAB = os.path.join(TESTDATA, 'shakespeare_1024.model')
+MAIN = os.path.join(os.path.dirname(train.__file__), 'main.py')
+CONFIG = os.path.join(os.path.dirname(train.__file__), 'configs', 'default.py')
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -43,6 +46,12 @@ def tokens_of(docs: list[np.ndarray]) -> Tokens:
   """A split's tokens held in memory, as the token cache would give them."""
   offsets = np.cumsum([0, *map(len, docs)])
   return Tokens(np.concatenate(docs).astype(np.uint16), offsets, num_bytes=0)
+
+
+def cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
+  """main.py with the default config and args, run from cwd; its output captured."""
+  cmd = [sys.executable, MAIN, f'--config={CONFIG}', *args]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 @pytest.fixture

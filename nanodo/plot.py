@@ -69,8 +69,8 @@ def _smooth(v: np.ndarray) -> np.ndarray:
   return out
 
 
-def plot(workdirs: list[str], out: str) -> None:
-  """Writes train and held-out loss, bits per byte, learning rate, tokens/s and grad norm."""
+def figure(workdirs: list[str]) -> Figure:
+  """Train and held-out loss, bits per byte, learning rate, tokens/s and grad norm of the runs."""
   runs = [read_run(w, n) for w, n in zip(workdirs, _names(workdirs), strict=True)]
   fig = Figure(figsize=(WIDTH, HEIGHT), dpi=DPI, layout='constrained')
   FigureCanvasAgg(fig)
@@ -111,6 +111,12 @@ def plot(workdirs: list[str], out: str) -> None:
   axes[1, 2].set_ylim(bottom=0)
   handles = [axes[0, 0].plot([], [], color=c, linewidth=3)[0] for c in colors]
   fig.legend(handles, [r.name for r in runs], loc='outside upper center', ncols=min(len(runs), 6))
+  return fig
+
+
+def plot(workdirs: list[str], out: str) -> None:
+  """Writes the figure of the runs in workdirs to the image file out."""
+  fig = figure(workdirs)
   try:
     fig.savefig(out)
   except (OSError, ValueError) as e:

@@ -1,6 +1,8 @@
-"""Shared test helpers: a tiny config and the shipped tokenizer."""
+"""Shared test helpers: a tiny config, the shipped tokenizer, the command line, finished runs."""
 
+import json
 import os
+import subprocess
 import sys
 
 import ml_collections
@@ -14,6 +16,8 @@ from nanodo.token_cache import Tokens
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 VOCAB = os.path.join(TESTDATA, 'shakespeare_1024.model')
+MAIN = os.path.join(os.path.dirname(train.__file__), 'main.py')
+CONFIG = os.path.join(os.path.dirname(train.__file__), 'configs', 'default.py')
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -45,6 +49,12 @@ def tokens_of(docs: list[np.ndarray]) -> Tokens:
   return Tokens(np.concatenate(docs).astype(np.uint16), offsets, num_bytes=0)
 
 
+def cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
+  """main.py with the default config and args, run from cwd; its output captured."""
+  cmd = [sys.executable, MAIN, f'--config={CONFIG}', *args]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
 @pytest.fixture
 def workdir(tmp_path) -> str:
   return str(tmp_path / 'run')
@@ -58,3 +68,89 @@ def tiny_run(tmp_path_factory) -> str:
     mp.setitem(sys.modules, 'wandb', None)  # `import wandb` fails: W&B is off by default.
     train.train_and_evaluate(tiny_config(workdir, profile_steps=2, log_internal_metrics=True))
   return workdir
+
+
+# A command-line run of NUM_STEPS steps, for test_reliability and test_pickle.
+NUM_STEPS = 12
+# Runs main.py with an audit hook that reports every class or function a pickle would load:
+# the only way unpickling runs code. Loading checkpoints, caches or anything else must not.
+# The one exception is in memory: tensorboardX hands its own events to its writer thread through
+# a multiprocessing.Queue, which pickles them; its files on disk are protobuf records.
+NO_UNPICKLING = """
+import os, runpy, sys
+def hook(event, args):
+  if event != 'pickle.find_class':
+    return
+  frame = sys._getframe(1)
+  while frame and not frame.f_code.co_filename.endswith('tensorboardX/event_file_writer.py'):
+    frame = frame.f_back
+  if frame is None:
+    os.write(2, b'UNPICKLED %r\\n' % (args,))
+sys.addaudithook(hook)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def guarded_command(workdir: str, num_steps: int = NUM_STEPS) -> list[str]:
+  """A tiny model's training command, under NO_UNPICKLING; a checkpoint every 2 steps."""
+  # A constant learning rate: the losses of the first steps do not depend on num_steps.
+  flags = {
+    'workdir': workdir,
+    'vocab_path': VOCAB,
+    'batch_size': 2,
+    'eval_batch_size': 64,
+    'model.D': 32,
+    'model.H': 2,
+    'model.N': 1,
+    'model.F': 64,
+    'model.L': 32,
+    'opt.num_train_steps': num_steps,
+    'opt.warmup_steps': 0,
+    'opt.decay_type': 'constant',
+    'checkpoint_every_steps': 2,
+    'log_every_steps': 100,
+    'eval_every_steps': 1000,
+    'peak_tflops': 1.0,
+  }
+  return [
+    sys.executable,
+    '-c',
+    NO_UNPICKLING,
+    MAIN,
+    f'--config={CONFIG}',
+    *(f'--config.{k}={v}' for k, v in flags.items()),
+  ]
+
+
+def run_guarded(workdir: str, num_steps: int = NUM_STEPS) -> subprocess.CompletedProcess:
+  out = subprocess.run(
+    guarded_command(workdir, num_steps), capture_output=True, text=True, timeout=900
+  )
+  assert 'UNPICKLED' not in out.stderr, out.stderr
+  return out
+
+
+def metric_rows(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  return [json.loads(line) for line in lines if line.endswith('\n')]
+
+
+def step_losses(workdir: str) -> list[tuple[int, float]]:
+  """(step, loss) of every train row, in the order written."""
+  return [(r['step'], r['loss']) for r in metric_rows(workdir) if 'loss' in r]
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory) -> tuple[str, list[tuple[int, float]]]:
+  """An uninterrupted guarded run: its workdir and its per-step losses (built once: costly)."""
+  workdir = str(tmp_path_factory.mktemp('reference') / 'run')
+  out = run_guarded(workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  losses = step_losses(workdir)
+  assert [s for s, _ in losses] == list(range(1, NUM_STEPS + 1))
+  return workdir, losses

@@ -1,4 +1,4 @@
-"""End to end: the command line, resume, bad input."""
+"""The command line: bad input fails fast with one clear line and writes nothing; `eval`."""
 
 import json
 import os
@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
-from conftest import VOCAB, tiny_config
+from conftest import CONFIG, MAIN, VOCAB, cli, tiny_config
 
-from nanodo import sources, train, validate, workdir
+from nanodo import workdir
 
 TINY = [
   '--config.model.D=32',
@@ -24,76 +24,6 @@ TINY = [
   '--config.eval_batch_size=2',
   f'--config.vocab_path={VOCAB}',
 ]
-
-
-def _losses(workdir: str) -> dict[int, float]:
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    rows = [json.loads(line) for line in f]
-  return {r['step']: r['loss'] for r in rows if 'loss' in r}
-
-
-def _run(workdir: str, num_steps: int) -> dict[str, float]:
-  # A constant schedule, so that stopping at 6 of 9 does not change the learning rates.
-  c = tiny_config(workdir, checkpoint_every_steps=3)
-  c.opt.update(num_train_steps=num_steps, warmup_steps=0, decay_type='constant')
-  return train.train_and_evaluate(c)
-
-
-def test_restart_continues_from_the_checkpoint_with_the_same_data(tmp_path):
-  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
-  _run(straight, 9)
-  first = _run(interrupted, 6)
-  assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == ['3', '6']
-  assert first['bits_per_byte'] > 0
-  _run(interrupted, 9)
-  a, b = _losses(straight), _losses(interrupted)
-  assert sorted(b) == list(range(1, 10))  # steps 7-9 only once: the run resumed at 6
-  assert a == b  # float32 on CPU: bit-identical
-
-
-def _cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
-  source = os.path.dirname(train.__file__)
-  cmd = [
-    sys.executable,
-    os.path.join(source, 'main.py'),
-    f'--config={os.path.join(source, "configs", "default.py")}',
-    *args,
-  ]
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
-  workdir = str(tmp_path / 'run')
-  args = [
-    f'--config.workdir={workdir}',
-    '--config.model.L=128',
-    '--config.batch_size=2',
-    *TINY[:4],
-    '--config.opt.num_train_steps=4',
-    '--config.checkpoint_every_steps=2',
-    f'--config.vocab_path={VOCAB}',
-  ]
-  out = _cli(*args, cwd=str(tmp_path))
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert 'bits_per_byte' in out.stdout
-  # Not a terminal: plain lines, no cursor control.
-  assert '\x1b' not in out.stdout and '\r' not in out.stdout
-  steps = re.findall(r'^step +(\d+)/4 \| loss \S+ \| learning_rate ', out.stdout, re.M)
-  assert steps == ['1', '4']  # the first step, then every log_every_steps=10 and the last
-  assert re.search(
-    r'^model: 0\.\d\dM parameters \(0\.\d\dM embedding, 0\.\d\dM non-embedding\)', out.stdout, re.M
-  )
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
-  again = _cli(
-    *args[:-2],
-    '--config.opt.num_train_steps=6',
-    '--config.checkpoint_every_steps=2',
-    f'--config.vocab_path={VOCAB}',
-    cwd=str(tmp_path),
-  )
-  assert again.returncode == 0, again.stderr[-2000:]
-  assert 'starting at step 4 of 6' in again.stdout
-  assert sorted(_losses(workdir)) == list(range(1, 7))
 
 
 @pytest.mark.parametrize(
@@ -147,7 +77,7 @@ def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
 )
 def test_bad_input_fails_fast_with_one_clear_line_and_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / 'run'
-  out = _cli(f'--config.workdir={workdir}', *override.split(), cwd=str(tmp_path))
+  out = cli(f'--config.workdir={workdir}', *override.split(), cwd=str(tmp_path))
   assert out.returncode != 0
   assert message in out.stderr
   assert 'Traceback' not in out.stderr
@@ -157,7 +87,7 @@ def test_bad_input_fails_fast_with_one_clear_line_and_writes_nothing(tmp_path, o
 def test_a_config_file_that_does_not_exist_is_one_line(tmp_path):
   cmd = [
     sys.executable,
-    os.path.join(os.path.dirname(train.__file__), 'main.py'),
+    MAIN,
     '--config=/no/such/config.py',
     f'--config.workdir={tmp_path / "run"}',
   ]
@@ -171,7 +101,7 @@ def test_a_second_run_on_an_active_workdir_fails_at_once_and_writes_nothing(tmp_
   workdir_ = tmp_path / 'run'
   workdir_.mkdir()
   with workdir.lock(str(workdir_)):
-    out = _cli(f'--config.workdir={workdir_}', *TINY, cwd=str(tmp_path))
+    out = cli(f'--config.workdir={workdir_}', *TINY, cwd=str(tmp_path))
   assert out.returncode != 0
   assert f"workdir='{workdir_}' is in use by another nanodo run (pid {os.getpid()}" in out.stderr
   assert 'Traceback' not in out.stderr
@@ -183,7 +113,7 @@ def test_resuming_with_another_model_is_refused_and_the_run_left_as_it_was(tmp_p
   workdir_.mkdir()
   workdir.write_config(tiny_config(str(workdir_)))
   before = (workdir_ / 'config.json').read_text()
-  out = _cli(f'--config.workdir={workdir_}', *TINY, cwd=str(tmp_path))
+  out = cli(f'--config.workdir={workdir_}', *TINY, cwd=str(tmp_path))
   assert out.returncode != 0
   assert 'resuming may not change the model shape, tokenizer or data: ' in out.stderr
   assert 'model.N: 2 -> 1' in out.stderr and 'batch_size: 4 -> 2' in out.stderr
@@ -216,8 +146,8 @@ def test_mesh_and_batch_must_fit_the_8_devices(tmp_path, overrides, message):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   cmd = [
     sys.executable,
-    os.path.join(os.path.dirname(train.__file__), 'main.py'),
-    f'--config={os.path.join(os.path.dirname(train.__file__), "configs", "default.py")}',
+    MAIN,
+    f'--config={CONFIG}',
     f'--config.workdir={workdir}',
     *overrides,
   ]
@@ -233,7 +163,7 @@ def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
     port = s.getsockname()[1]
   workdir = tmp_path / 'run'
   start = time.monotonic()
-  out = _cli(
+  out = cli(
     f'--config.workdir={workdir}',
     f'--config.distributed.coordinator_address=localhost:{port}',
     '--config.distributed.num_processes=2',
@@ -251,41 +181,8 @@ def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
   assert not workdir.exists()
 
 
-def test_checkpoint_restore_dir_starts_from_another_run(tmp_path):
-  _run(str(tmp_path / 'a'), 3)
-  c = tiny_config(str(tmp_path / 'b'), checkpoint_restore_dir=str(tmp_path / 'a'))
-  c.opt.update(num_train_steps=5, warmup_steps=0, decay_type='constant')
-  train.train_and_evaluate(c)
-  assert sorted(_losses(str(tmp_path / 'b'))) == [4, 5]
-
-
-def test_nan_stops_with_the_step_named_and_saves_nothing_over_the_good_checkpoint(tmp_path):
-  workdir = str(tmp_path / 'run')
-  _run(workdir, 3)
-  checkpoint_3 = os.path.join(workdir, 'checkpoints', '3')
-  before = {
-    f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(checkpoint_3) for f in fs
-  }
-  # A checkpoint every step: the diverged state would be saved if anything let it through.
-  c = tiny_config(workdir, checkpoint_every_steps=1)
-  c.opt.update(
-    num_train_steps=12,
-    warmup_steps=0,
-    decay_type='constant',
-    peak_learning_rate=1e35,
-    clip_by_global_norm=0.0,
-  )
-  with pytest.raises(FloatingPointError, match=r'^Training diverged at step 4: .*(nan|inf)'):
-    train.train_and_evaluate(c)
-  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']
-  assert before == {
-    f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(checkpoint_3) for f in fs
-  }
-  assert max(_losses(workdir)) == 3  # the diverged step is not logged as a good one
-
-
 def _nanodo(*args: str) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, os.path.join(os.path.dirname(train.__file__), 'main.py'), *args]
+  cmd = [sys.executable, MAIN, *args]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -325,29 +222,3 @@ def test_eval_command_bad_input_fails_with_one_clear_line(tiny_run, tmp_path):
     assert message in out.stderr, (args, out.stderr[-2000:])
     assert 'Traceback' not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-
-
-def test_trains_on_local_jsonl_files_and_a_resumed_run_reuses_the_token_cache(tmp_path, capsys):
-  plays = sources.shakespeare()[1]
-  for name, docs in (
-    ('train', plays[0].split('\n\n')[:300]),
-    ('eval', plays[1].split('\n\n')[:50]),
-  ):
-    with open(tmp_path / f'{name}.jsonl', 'w', encoding='utf-8') as f:
-      f.writelines(json.dumps({'text': d}) + '\n' for d in docs if d)
-  c = tiny_config(
-    str(tmp_path / 'run'),
-    ds_name='jsonl',
-    packing='concat',
-    train_split=str(tmp_path / 'train.jsonl'),
-    eval_split=str(tmp_path / 'eval.jsonl'),
-  )
-  c.opt.num_train_steps = 3
-  validate.check(c)
-  assert train.train_and_evaluate(c)['bits_per_byte'] > 0
-  assert capsys.readouterr().out.count('Building the token cache') == 2
-  c.opt.num_train_steps = 5
-  train.train_and_evaluate(c)
-  out = capsys.readouterr().out
-  assert 'starting at step 3 of 5' in out and 'Building the token cache' not in out
-  assert sorted(_losses(c.workdir)) == [1, 2, 3, 4, 5]

@@ -48,6 +48,15 @@ def test_runs_are_overlaid_and_a_resumed_runs_repeated_steps_count_once(tiny_run
   plot.plot([tiny_run, str(other)], str(tmp_path / 'both.png'))
   assert _png_size(tmp_path / 'both.png') == (1500, 850)
   assert np.isfinite(loss).all()
+  # Both runs are drawn: named in the legend, each one's own train losses a line against steps.
+  fig = plot.figure([tiny_run, str(other)])
+  [legend] = fig.legends
+  assert [t.get_text() for t in legend.get_texts()] == ['run', 'other']
+  loss_axes = fig.axes[0]
+  assert loss_axes.get_xlabel() == 'step' and loss_axes.get_ylabel() == 'loss (nats per token)'
+  lines = [(x.tolist(), y.tolist()) for x, y in (ln.get_data() for ln in loss_axes.get_lines())]
+  for drawn in (plot.read_run(tiny_run, 'run'), run):
+    assert tuple(a.tolist() for a in drawn.get('loss')) in lines, drawn.name
 
 
 def test_bad_input_is_refused_naming_it(tiny_run, tmp_path):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import zlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -184,13 +185,34 @@ def test_a_file_that_is_not_utf8_is_named_or_skipped_and_counted(tmp_path, capsy
   assert 'Skipped 1 files that are not UTF-8' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('kind', ['jsonl', 'parquet', 'hf'])
-def test_a_missing_text_field_is_named_before_any_work(tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize('kind', ['jsonl', 'parquet'])
+def test_a_missing_text_field_is_named_by_the_check_before_any_work(tmp_path, kind, monkeypatch):
   c = _config(tmp_path, kind, monkeypatch)
   c.text_field = 'body'
   with pytest.raises(ValueError, match=r"has no field text_field='body'; its fields: \[.*'text'"):
     sources.check(c)
+
+
+def test_a_missing_hf_column_is_named_as_the_split_opens_before_any_document_is_read(
+  tmp_path, monkeypatch
+):
+  # check() cannot see a dataset's columns without loading it; get_split, which loads it, can.
+  c = _config(tmp_path, 'hf', monkeypatch)
+  c.text_field = 'body'
+  import datasets
+
+  spies = []
+  for name in ('__getitem__', '__iter__', 'iter'):  # every way to read a Dataset's records
+    read = getattr(datasets.Dataset, name)
+    spies.append(mock.create_autospec(read, side_effect=read))
+    monkeypatch.setattr(datasets.Dataset, name, spies[-1])
+  with pytest.raises(ValueError, match=r"has no field text_field='body'; its fields: \[.*'text'"):
     sources.get_split(c, 'train')
+  assert not any(spy.called for spy in spies)
+  # The spies do see reads: the same split with its real field is read through them.
+  c.text_field = 'text'
+  assert list(sources.get_split(c, 'train').documents()) == DOCS
+  assert any(spy.called for spy in spies)
 
 
 def test_an_empty_glob_names_the_key(tmp_path):

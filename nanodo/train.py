@@ -7,14 +7,15 @@ import threading
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
 
 from nanodo import checkpoint, data, metrics, sharding, sources, update, validate, workdir
 from nanodo.evaluate import evaluate
 from nanodo.model import ModelConfig
 from nanodo.progress import Progress, log
 from nanodo.token_cache import Tokens
+from nanodo.tree import PyTree
 
 
 class StopSignal:
@@ -46,7 +47,7 @@ class StopSignal:
       signal.signal(s, handler)
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
+def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
   """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval.
 
   One run at a time per workdir (its processes together). SIGINT or SIGTERM end the run after
@@ -64,10 +65,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def _train(
-  c: ml_collections.ConfigDict,
-  mngr: ocp.CheckpointManager,
-  stop: StopSignal,
-  mesh: jax.sharding.Mesh,
+  c: ConfigDict, mngr: ocp.CheckpointManager, stop: StopSignal, mesh: jax.sharding.Mesh
 ) -> dict[str, float]:
   """The body of train_and_evaluate, in a locked workdir."""
   # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
@@ -92,7 +90,8 @@ def _train(
     workdir.write_config(c)
     # Rows of steps after the restored one come from a run killed before its next checkpoint.
     metrics.drop_rows_after(c.workdir, step)
-  _banner(c, cfg, run, mesh, step, train_tokens, eval_tokens)
+  _banner(c, cfg, state['params'], train_tokens, eval_tokens)
+  log(f'starting at step {step} of {c.opt.num_train_steps}.')
 
   progress = Progress()
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
@@ -136,11 +135,8 @@ def _train(
 
 
 def _restore(
-  c: ml_collections.ConfigDict,
-  mngr: ocp.CheckpointManager,
-  run: update.Setup,
-  batches: grain.DatasetIterator,
-) -> dict:
+  c: ConfigDict, mngr: ocp.CheckpointManager, run: update.Setup, batches: grain.DatasetIterator
+) -> PyTree:
   """The workdir's latest checkpoint, else checkpoint_restore_dir's, else the initial state."""
   if mngr.latest_step() is not None:
     return checkpoint.restore(mngr, run.state, run.shardings, batches)
@@ -152,27 +148,17 @@ def _restore(
 
 
 def _banner(
-  c: ml_collections.ConfigDict,
-  cfg: ModelConfig,
-  run: update.Setup,
-  mesh: jax.sharding.Mesh,
-  step: int,
-  train_tokens: Tokens,
-  eval_tokens: Tokens,
+  c: ConfigDict, cfg: ModelConfig, params: PyTree, train: Tokens, held_out: Tokens
 ) -> None:
-  """The run's start-up lines: the model, the mesh, the data and tokenizer, the first step."""
-  n = {k: v / 1e6 for k, v in metrics.param_counts(run.state['params']).items()}
+  """The run's start-up lines: the model, the devices, the data and the tokenizer."""
+  n = {k: v / 1e6 for k, v in metrics.param_counts(params).items()}
+  sizes = f'{n["embedding"]:.2f}M embedding, {n["non_embedding"]:.2f}M non-embedding'
   shape = f'D{cfg.D} H{cfg.H} N{cfg.N} F{cfg.F} L{cfg.L} V{cfg.V} {cfg.dtype}'
-  log(
-    f'model: {n["all"]:.2f}M parameters ({n["embedding"]:.2f}M embedding, '
-    f'{n["non_embedding"]:.2f}M non-embedding); {shape}'
-  )
+  log(f'model: {n["all"]:.2f}M parameters ({sizes}); {shape}')
+  mesh = dict(jax.sharding.get_abstract_mesh().shape)  # the mesh in context
   devices = f'{jax.device_count()} {jax.devices()[0].platform} device(s)'
-  log(f'mesh: {dict(mesh.shape)} over {devices}, {jax.process_count()} process(es)')
-  docs = lambda t: len(t.offsets) - 1
-  log(
-    f'data: {c.ds_name}, {docs(train_tokens)} train documents ({len(train_tokens.ids) / 1e6:.2f}M '
-    f'tokens, {c.packing}), {docs(eval_tokens)} held-out ({eval_tokens.num_bytes / 1e6:.2f}M '
-    f'bytes); tokenizer: {workdir.tokenizer_path(c)}, {cfg.V} pieces'
-  )
-  log(f'starting at step {step} of {c.opt.num_train_steps}.')
+  log(f'mesh: {mesh} over {devices}, {jax.process_count()} process(es)')
+  docs = lambda t: f'{len(t.offsets) - 1} {"train" if t is train else "held-out"} documents'
+  tokens = f'{len(train.ids) / 1e6:.2f}M tokens, {c.packing}'
+  text = f'{docs(train)} ({tokens}), {docs(held_out)} ({held_out.num_bytes / 1e6:.2f}M bytes)'
+  log(f'data: {c.ds_name}, {text}; tokenizer: {workdir.tokenizer_path(c)}, {cfg.V} pieces')

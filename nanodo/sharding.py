@@ -26,12 +26,8 @@ def launched_as_one_of_several() -> bool:
   and Cloud TPU VMs of a multi-host slice.
   """
   env = os.environ
-  return (
-    'JAX_COORDINATOR_ADDRESS' in env
-    or 'OMPI_MCA_orte_hnp_uri' in env
-    or int(env.get('SLURM_NTASKS', '1')) > 1
-    or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
-  )
+  slurm, tpu = int(env.get('SLURM_NTASKS', '1')) > 1, ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+  return 'JAX_COORDINATOR_ADDRESS' in env or 'OMPI_MCA_orte_hnp_uri' in env or slurm or tpu
 
 
 def _wait_for(address: str, timeout: float) -> None:

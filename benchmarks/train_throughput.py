@@ -3,8 +3,8 @@
   python benchmarks/train_throughput.py [--dtype=bfloat16] [--steps=20] [--configs=S,M,default]
       [--profile] [--malloc=default]
 
-Prints the ceiling (median GFLOP/s of a jitted 2048x2048 float32 matmul), then for each config
-(S and M, and the model of configs/default.py):
+Prints the ceiling (GFLOP/s of a jitted square matmul in --dtype, timed over 0.5 s), then for
+each config (S and M, and the model of configs/default.py):
 ms/step, tokens/s, model GFLOP/s and its fraction of the ceiling, peak RSS, and the time from
 launch to the end of the first step of `nanodo` on the default config (a fresh workdir: tokenizer
 training and compiling included; then again in the same workdir, as a resumed run sees it).
@@ -35,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from nanodo import data, host, metrics, sharding, train, update
+from nanodo import data, host, metrics, peaks, sharding, train, update
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 
@@ -191,8 +191,9 @@ def main() -> None:
   args = parser.parse_args()
   if args.malloc == 'reuse':
     host.reuse_freed_memory()
-  ceiling = metrics.matmul_flops_per_sec() / 1e9
-  print(f'ceiling: {ceiling:.1f} GFLOP/s (float32 2048x2048 matmul, {jax.devices()[0].platform})')
+  flops, n = peaks.matmul_flops_per_sec(args.dtype)
+  ceiling, platform = flops / 1e9, jax.devices()[0].platform
+  print(f'ceiling: {ceiling:.1f} GFLOP/s ({args.dtype} {n}x{n} matmul, {platform})')
   print(
     f'{"config":6} {"dtype":8} {"ms/step":>8} {"tokens/s":>9} {"GFLOP/s":>8} {"ceiling":>8} '
     f'{"peak RSS":>9}'

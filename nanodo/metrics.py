@@ -7,18 +7,16 @@ import os
 import pathlib
 import platform
 import re
-import statistics
 import subprocess
 import time
 import uuid
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorboardX
 
-from nanodo import workdir
+from nanodo import peaks, workdir
 from nanodo.progress import Progress, fmt, log
 from nanodo.tree import PyTree, path_str
 
@@ -39,19 +37,6 @@ def model_flops_per_token(params: PyTree, D: int, L: int, N: int, V: int) -> flo
   # Attention counts all L positions (causal masking not discounted); the output projection
   # (tied or not) is the 6·D·V term; embedding lookups cost no FLOPs.
   return 6 * param_counts(params)['non_embedding'] + 12 * N * L * D + 6 * D * V
-
-
-def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
-  """Median FLOP/s of a jitted float32 n x n matmul on the default device: a practical peak."""
-  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
-  dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times)
 
 
 def versions() -> dict[str, str]:
@@ -172,7 +157,8 @@ class StepLogger:
     self.task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
     self.tokens_per_step = c.batch_size * c.model.L
     self.flops_per_token = flops_per_token
-    self.peak_flops = c.peak_tflops * 1e12 or matmul_flops_per_sec() * jax.device_count()
+    self.peak_flops, source = peaks.devices_peak(c.peak_tflops, c.model.dtype)
+    log(f'MFU peak: {source}')
     self.pending: tuple[int, dict[str, jax.Array]] | None = None
     # A step's time runs from the log of the step before it, or from the end of an evaluation.
     self.t_last = time.time()

@@ -100,7 +100,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   yield 'model.rope_base', m.rope_base > 0, 'must be > 0'
   yield 'label_smoothing', 0 <= c.label_smoothing < 1, 'must be in [0, 1)'
   yield 'z_loss', c.z_loss >= 0, 'must be >= 0'
-  yield 'peak_tflops', c.peak_tflops >= 0, 'must be >= 0 (0: measure at start-up)'
+  yield 'peak_tflops', c.peak_tflops >= 0, 'must be >= 0 (0: looked up or measured)'
   yield 'profile_steps', c.profile_steps >= 0, 'must be a non-negative integer (0: no trace)'
   wandb = not c.wandb_project or importlib.util.find_spec('wandb') is not None
   yield 'wandb_project', wandb, "needs the wandb package: pip install 'nanodo[wandb]'"

@@ -103,8 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = -1  # -1: from the environment
   c.distributed.initialization_timeout = 300  # seconds to wait for every process
 
-  # Peak TFLOP/s of all devices together, for the MFU in the logs; 0: measure a float32
-  # matmul at start-up.
+  # Peak TFLOP/s of all devices together, for the MFU in the logs; 0: the datasheet figure of
+  # known GPUs and TPUs for model.dtype (nanodo/peaks.py), else a matmul timed at start-up.
   c.peak_tflops = 0.0
   # Every step's metrics go to workdir/metrics.jsonl and TensorBoard; the console shows a bar on
   # a terminal, else a line every log_every_steps (TensorBoard's events are flushed as often).

@@ -145,23 +145,24 @@ def _wandb_run(c: ml_collections.ConfigDict, hparams: dict) -> object:
 
 
 class StepLogger:
-  """Logs each step's metrics one step late, with the wall-clock tokens/s and MFU."""
+  """Logs each step's metrics one step late, with its wall-clock tokens/s and MFU."""
 
   # The step metrics shown on the console (all of them go to the metrics files).
-  CONSOLE = ('loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'mfu')
+  CONSOLE = ('loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'target_tokens_per_sec', 'mfu')
 
   def __init__(
     self, c: ml_collections.ConfigDict, step: int, flops_per_token: float, progress: Progress
   ):
     self.writer, self.progress, self.log_every = Writer(c, step), progress, c.log_every_steps
     self.task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
-    self.tokens_per_step = c.batch_size * c.model.L
+    self.row_tokens = c.batch_size * c.model.L
     self.flops_per_token = flops_per_token
     self.peak_flops, source = peaks.devices_peak(c.peak_tflops, c.model.dtype)
     log(f'MFU peak: {source}')
     self.pending: tuple[int, dict[str, jax.Array]] | None = None
-    # A step's time runs from the log of the step before it, or from the end of an evaluation.
-    self.t_last = time.time()
+    # The first step after a start compiles (or loads the compiled step): it gets no rates.
+    self.compiled = False
+    self.restart_clock()
 
   def push(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
     """Logs the step before, whose metrics are ready by now, and holds this one."""
@@ -179,18 +180,27 @@ class StepLogger:
       kept = 'Stopped without saving this state; the checkpoints of earlier steps are kept.'
       raise FloatingPointError(f'Training diverged at step {step}: {", ".join(bad)}. {kept}')
     now = time.time()
-    values['tokens_per_sec'] = self.tokens_per_step / max(now - self.t_last, 1e-9)
-    # Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak.
-    values['mfu'] = values['tokens_per_sec'] * self.flops_per_token / self.peak_flops
+    if self.compiled:
+      seconds = max(now - self.t_last, 1e-9)
+      # Rows' tokens, padding included (the model computes them all), and the loss's targets.
+      values['tokens_per_sec'] = self.row_tokens / seconds
+      values['target_tokens_per_sec'] = values['target_tokens'] / seconds
+      # Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak.
+      values['mfu'] = values['tokens_per_sec'] * self.flops_per_token / self.peak_flops
+    self.compiled = True
     self.writer.write(step, values, flush=step % self.log_every == 0)
-    self.progress.update(self.task, step, {k: values[k] for k in self.CONSOLE})
+    self.progress.update(self.task, step, {k: values[k] for k in self.CONSOLE if k in values})
     self.t_last = now
+
+  def restart_clock(self) -> None:
+    """The next step's time starts now: after work that is no step (an evaluation, a save)."""
+    self.t_last = time.time()
 
   def evaluation(self, step: int, result: dict[str, float]) -> None:
     """Writes and shows held-out metrics; the next step's clock starts after them."""
     self.writer.write(step, {f'eval_{k}': v for k, v in result.items()})
     log(f'eval at step {step} | ' + ' | '.join(f'{k} {fmt(v)}' for k, v in result.items()))
-    self.t_last = time.time()
+    self.restart_clock()
 
   def close(self) -> None:
     self.writer.close()

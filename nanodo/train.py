@@ -114,6 +114,7 @@ def _train(
       if step % c.checkpoint_every_steps == 0 or last:
         logger.flush()  # a state that diverged is never saved
         checkpoint.save(mngr, step, state, batches)
+        logger.restart_clock()  # the next step's rate leaves the save out
       if step % c.eval_every_steps == 0 or last:
         logger.flush()
         result = evaluate(run.eval_step, state['params'], eval_data, batch_sharding, progress)

@@ -84,14 +84,15 @@ def train_step(
   if A > 1:
     add = lambda total, b: (jax.tree.map(jnp.add, total, sums_of(params, batch=b)), None)
     sums, _ = jax.lax.scan(add, sums, jax.tree.map(lambda v: v[1:], micro))
-  grads, (parts, stats, count) = sums
-  count = jnp.maximum(count, 1.0)
+  grads, (parts, stats, target_tokens) = sums
+  count = jnp.maximum(target_tokens, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = tx.update(grads, state['opt_state'], params)
   params = optax.apply_updates(params, updates)
   learning_rate = schedule(state['step'])
   step_metrics = {k: v / count for k, v in parts.items()} | {k: v / A for k, v in stats.items()}
   step_metrics |= {
+    'target_tokens': target_tokens,  # the tokens of weight 1: the loss's targets
     'learning_rate': learning_rate,
     'grad_norm': tree.global_norm(grads),
     'update_norm': tree.global_norm(updates),

@@ -1,18 +1,33 @@
 """The jitted train step: metrics, learning, shardings."""
 
+import functools
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import VOCAB, tiny_config, tiny_model_config
 from flax import nnx
+from ml_collections import ConfigDict
 
-from nanodo import data, metrics, optimizer, sharding, tokenizer, train, update, workdir
+from nanodo import (
+  checkpoint,
+  data,
+  metrics,
+  optimizer,
+  sharding,
+  sources,
+  tokenizer,
+  train,
+  update,
+  workdir,
+)
 from nanodo.model import TransformerDecoder
 
 
@@ -29,7 +44,14 @@ def test_one_step_metrics_and_state(tmp_path):
   before = jax.tree.map(np.asarray, state['params'])
   x_BxL = jax.random.randint(jax.random.key(0), (4, cfg.L), 1, cfg.V)
   state, m = step(state, data.as_batch(x_BxL))
-  assert set(m) == {'loss', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm'}
+  assert set(m) == {
+    'loss',
+    'target_tokens',
+    'learning_rate',
+    'grad_norm',
+    'update_norm',
+    'param_norm',
+  }
   assert all(np.isfinite(v) for v in jax.device_get(m).values())
   assert int(state['step']) == 1
   assert float(m['learning_rate']) == pytest.approx(1e-4, rel=1e-5)  # float32
@@ -121,23 +143,85 @@ def test_model_flops_per_token_counts_every_matmul():
   assert metrics.model_flops_per_token(params, D, L, N, V) == expected
 
 
-def test_logged_mfu_uses_the_given_peak(tmp_path):
-  c = tiny_config(str(tmp_path), peak_tflops=1e-3)
-  train.train_and_evaluate(c)
-  with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
-    rows = [r for r in map(json.loads, f) if 'loss' in r]
+# The timed run's extra waits: in its first step (as a long compile would be) and in each save.
+FIRST_STEP_SECONDS = SAVE_SECONDS = 1.0
+
+
+@pytest.fixture(scope='module')
+def timed_run(tmp_path_factory) -> tuple[ConfigDict, list[dict]]:
+  """A 6-step run whose first step and checkpoint saves (steps 2, 4, 6) are slow: its rows."""
+  c = tiny_config(str(tmp_path_factory.mktemp('timed')), peak_tflops=1e-3)
+  c.checkpoint_every_steps = 2
+  setup, save = update.setup, checkpoint.save
+  steps = []
+
+  def slow_first_step(state, batch, *, step):
+    if not steps:
+      time.sleep(FIRST_STEP_SECONDS)
+    steps.append(1)
+    return step(state, batch)
+
+  def slow_setup(*args):
+    run = setup(*args)
+    return run._replace(train_step=functools.partial(slow_first_step, step=run.train_step))
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(update, 'setup', slow_setup)
+    mp.setattr(checkpoint, 'save', lambda *args: time.sleep(SAVE_SECONDS) or save(*args))
+    train.train_and_evaluate(c)
+  with open(os.path.join(c.workdir, workdir.METRICS), encoding='utf-8') as f:
+    return c, [r for r in map(json.loads, f) if 'loss' in r]
+
+
+def _seconds(c: ConfigDict, row: dict) -> float:
+  """The wall-clock time of a logged step: its row tokens over its logged rate."""
+  return c.batch_size * c.model.L / row['tokens_per_sec']
+
+
+def test_logged_mfu_uses_the_given_peak(timed_run):
+  c, rows = timed_run
   cfg = tiny_model_config(L=c.model.L, V=tokenizer.load(VOCAB).vocab_size())
   per_token = metrics.model_flops_per_token(
     nnx.state(TransformerDecoder(cfg, nnx.Rngs(0))), cfg.D, cfg.L, cfg.N, cfg.V
   )
-  for r in rows:
+  for r in rows[1:]:
     assert r['mfu'] == pytest.approx(r['tokens_per_sec'] * per_token / 1e9, rel=1e-6)
-  # tokens/s is the step's tokens over the wall-clock time since the step before was logged.
-  tokens_per_step = c.batch_size * c.model.L
-  for before, r in zip(rows, rows[1:], strict=False):
-    assert tokens_per_step / r['tokens_per_sec'] == pytest.approx(
-      r['time'] - before['time'], abs=0.02
-    )
+  # Row tokens/s is the step's rows over the wall-clock time since the step before was logged
+  # (when no save came between).
+  for before, r in itertools.pairwise(rows[1:]):
+    if before['step'] % c.checkpoint_every_steps:
+      assert _seconds(c, r) == pytest.approx(r['time'] - before['time'], abs=0.02)
+
+
+def test_target_tokens_per_sec_counts_the_targets_of_the_step(timed_run):
+  c, rows = timed_run
+  # The run's batches again: the same data, seed and packing.
+  sp = tokenizer.load(VOCAB)
+  tokens = data.load_tokens(sources.get_split(c, 'train'), sp, workdir.cache_dir(c), 1)
+  batches = iter(data.train_dataset(tokens, c.model.L, c.batch_size, c.seed, c.packing))
+  for r, batch in zip(rows, batches, strict=False):
+    targets = float(batch['weights'].sum())
+    assert targets < c.batch_size * c.model.L  # document starts (and padding) are not targets
+    assert r['target_tokens'] == targets
+    if 'target_tokens_per_sec' in r:
+      assert r['target_tokens_per_sec'] * _seconds(c, r) == pytest.approx(targets, rel=1e-6)
+
+
+def test_a_checkpoint_save_is_not_in_the_next_steps_rate(timed_run):
+  c, rows = timed_run
+  after_save = [(before, r) for before, r in itertools.pairwise(rows) if before['step'] % 2 == 0]
+  assert [r['step'] for _, r in after_save] == [3, 5]
+  for before, r in after_save:
+    assert r['time'] - before['time'] >= SAVE_SECONDS  # the save came between the two
+    assert _seconds(c, r) < SAVE_SECONDS / 2
+
+
+def test_the_step_that_compiled_has_no_rate(timed_run):
+  c, rows = timed_run
+  rated = [r for r in rows if 'tokens_per_sec' in r]
+  assert [r['step'] for r in rated] == [2, 3, 4, 5, 6]
+  assert all(_seconds(c, r) < FIRST_STEP_SECONDS / 2 for r in rated)
+  assert not {'target_tokens_per_sec', 'mfu'} & set(rows[0])
 
 
 def test_a_workdir_tokenizer_of_another_size_is_not_reused_silently(tmp_path):

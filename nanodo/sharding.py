@@ -17,6 +17,8 @@ from nanodo.tree import PyTree
 # over the 'data' axis (data parallel). Batches are split along B over every device.
 FSDP, DATA = 'fsdp', 'data'
 BATCH = (DATA, FSDP)
+# How JAX's runtime begins the message with which it aborts the processes left when one is lost.
+LOST_PROCESS = 'Terminating process because the JAX distributed service detected fatal errors'
 
 
 def launched_as_one_of_several() -> bool:
@@ -64,9 +66,17 @@ def initialize_distributed(d: ml_collections.ConfigDict) -> None:
   if process_id == 0:  # not log(): JAX may not ask for the process index before this joins
     wait = f'waiting up to {d.initialization_timeout} s for the others at {address}'
     print(f'Process 0 of {num_processes}: {wait}.', flush=True)
-  jax.distributed.initialize(
-    address, num_processes, process_id, initialization_timeout=d.initialization_timeout
-  )
+  timeouts = {
+    'initialization_timeout': d.initialization_timeout,
+    'heartbeat_timeout_seconds': d.heartbeat_timeout,
+  }
+  jax.distributed.initialize(address, num_processes, process_id, **timeouts)
+  # A lost process makes JAX abort the others from C++, where Python can print nothing: say now
+  # what that will look like and what to do.
+  stop = f'JAX stops the rest ({LOST_PROCESS!r})'
+  resume = 'run the same command on every process to resume from the last checkpoint'
+  n, t = jax.process_count(), d.heartbeat_timeout
+  log(f'{n} processes joined; if one stops answering for {t} s, {stop}: then {resume}.')
 
 
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:

@@ -124,6 +124,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
     yield 'distributed.num_processes', n > 0 and i >= 0, valid
   valid = 'must be a positive number of seconds'
   yield 'distributed.initialization_timeout', d.initialization_timeout > 0, valid
+  yield 'distributed.heartbeat_timeout', d.heartbeat_timeout > 0, valid
   yield 'packing', *_one_of(c.packing, data.PACKINGS)
   yield 'text_documents', *_one_of(c.text_documents, sources.TEXT_DOCUMENTS)
   yield 'bad_utf8', *_one_of(c.bad_utf8, sources.BAD_UTF8)

@@ -95,6 +95,7 @@ def test_every_key_is_type_checked(key, tmp_path):
     ('checkpoint_every_steps', -3, 'must be a positive integer'),
     ('max_to_keep', 0, 'must be a positive integer'),
     ('cross_entropy_block_size', 0, 'must be a positive integer'),
+    ('distributed.heartbeat_timeout', 0, 'must be a positive number of seconds'),
     ('checkpoint_restore_dir', '/no/such/run', 'a nanodo workdir with checkpoints'),
     ('workdir', '', 'give a directory'),
     ('opt.lr', 0.1, 'not a config key'),

@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0  # 0: from the environment
   c.distributed.process_id = -1  # -1: from the environment
   c.distributed.initialization_timeout = 300  # seconds to wait for every process
+  # Seconds a joined process may stop answering before JAX stops the others (README, "A lost
+  # process"); too short, and a run whose host is only busy is stopped.
+  c.distributed.heartbeat_timeout = 100
 
   # Peak TFLOP/s of all devices together, for the MFU in the logs; 0: the datasheet figure of
   # known GPUs and TPUs for model.dtype (nanodo/peaks.py), else a matmul timed at start-up.

@@ -66,7 +66,7 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
   One run at a time per workdir (its processes together). SIGINT or SIGTERM end the run after
   the current step and a checkpoint; it then returns {}.
   """
-  with contextlib.ExitStack() as held:
+  with StopSignal() as stop, contextlib.ExitStack() as held:  # held: the lock, to the end
     # The checks that need the corpus come before any state; a start they refuse leaves the
     # workdir as it found it.
     with workdir.undone_if_refused(c.workdir):
@@ -81,7 +81,7 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
     mngr = checkpoint.manager(os.path.join(c.workdir, workdir.CHECKPOINTS), c.max_to_keep)
     # Closing waits for a save in flight, also when an error or a signal ends the run. Steps are
     # traced with the mesh in context: the model splits activations along B over it.
-    with StopSignal() as stop, contextlib.closing(mngr), jax.set_mesh(mesh):
+    with contextlib.closing(mngr), jax.set_mesh(mesh):
       return _train(c, inputs, mngr, stop)
 
 

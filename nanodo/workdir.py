@@ -56,10 +56,10 @@ def lock(workdir: str) -> Iterator[None]:
 
 def _entries(path: str) -> set[str]:
   """Every file and directory under path, relative to it."""
-  walk = os.walk(path)
-  return {
-    os.path.relpath(os.path.join(d, n), path) for d, dirs, files in walk for n in dirs + files
-  }
+  entries = set()
+  for d, dirs, files in os.walk(path):
+    entries.update(os.path.relpath(os.path.join(d, n), path) for n in dirs + files)
+  return entries
 
 
 @contextlib.contextmanager

@@ -52,12 +52,14 @@ def _hf_split_without_the_field(tmp_path, monkeypatch):
 @pytest.mark.parametrize('fresh', ['absent', 'empty'])
 def test_a_refused_start_leaves_a_fresh_workdir_as_it_was(tmp_path, monkeypatch, refusal, fresh):
   c, message = refusal(tmp_path, monkeypatch)
-  if fresh == 'empty':
+  if fresh == 'absent':
+    c.workdir = str(tmp_path / 'new' / 'run')  # its parent made for it too
+  else:
     os.makedirs(c.workdir)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(c)
   if fresh == 'absent':
-    assert not os.path.exists(c.workdir)
+    assert not os.path.exists(tmp_path / 'new')
   else:
     assert os.listdir(c.workdir) == []
 

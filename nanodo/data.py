@@ -125,11 +125,11 @@ def load_tokens(
   split: sources.Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: int
 ) -> Tokens:
   """A split's tokens from the token cache; process 0 builds it while the others wait."""
-  if jax.process_index() == 0:
-    token_cache.load(split, sp, cache_dir, workers)
+  # Process 0 opens it once: opening verifies its checksums, which reads it whole.
+  tokens = token_cache.load(split, sp, cache_dir, workers) if jax.process_index() == 0 else None
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'token cache of {split.name}')
-  return token_cache.load(split, sp, cache_dir, workers)
+  return tokens or token_cache.load(split, sp, cache_dir, workers)
 
 
 def train_rows(tokens: Tokens, L: int, packing: str) -> Rows:

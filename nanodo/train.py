@@ -1,6 +1,7 @@
 """The training loop: data, state, checkpoints, evaluation, a graceful stop on signals."""
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -47,50 +48,73 @@ class StopSignal:
       signal.signal(s, handler)
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What a run reads: the model config its tokenizer fixes, the token ids, the batches."""
+
+  cfg: ModelConfig
+  train_tokens: Tokens
+  eval_tokens: Tokens
+  batches: grain.DatasetIterator
+  eval_data: data.EvalData
+  batch_sharding: jax.sharding.NamedSharding
+
+
 def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
   """Trains c.opt.num_train_steps steps (resuming if possible); returns the final eval.
 
   One run at a time per workdir (its processes together). SIGINT or SIGTERM end the run after
   the current step and a checkpoint; it then returns {}.
   """
-  os.makedirs(c.workdir, exist_ok=True)
-  with workdir.lock(c.workdir):
-    validate.check_resume(c)  # before anything of the earlier run is replaced
+  with StopSignal() as stop, contextlib.ExitStack() as held:  # held: the lock, to the end
+    # The checks that need the corpus come before any state; a start they refuse leaves the
+    # workdir as it found it.
+    with workdir.undone_if_refused(c.workdir):
+      os.makedirs(c.workdir, exist_ok=True)
+      held.enter_context(workdir.lock(c.workdir))
+      validate.check_resume(c)  # before anything of the earlier run is replaced
+      # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
+      compile_cache = os.path.join(c.workdir, workdir.COMPILE_CACHE)
+      jax.config.update('jax_compilation_cache_dir', compile_cache)
+      mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+      inputs = _inputs(c, mesh)
     mngr = checkpoint.manager(os.path.join(c.workdir, workdir.CHECKPOINTS), c.max_to_keep)
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
     # Closing waits for a save in flight, also when an error or a signal ends the run. Steps are
     # traced with the mesh in context: the model splits activations along B over it.
-    with StopSignal() as stop, contextlib.closing(mngr), jax.set_mesh(mesh):
-      return _train(c, mngr, stop, mesh)
+    with contextlib.closing(mngr), jax.set_mesh(mesh):
+      return _train(c, inputs, mngr, stop)
 
 
-def _train(
-  c: ConfigDict, mngr: ocp.CheckpointManager, stop: StopSignal, mesh: jax.sharding.Mesh
-) -> dict[str, float]:
-  """The body of train_and_evaluate, in a locked workdir."""
-  # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
-  jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, workdir.COMPILE_CACHE))
+def _inputs(c: ConfigDict, mesh: jax.sharding.Mesh) -> Inputs:
+  """The tokenizer, token caches and batches of c; ValueError if the corpus cannot serve c."""
   train_split, eval_split = (sources.get_split(c, which) for which in sources.SPLITS)
   sp = workdir.get_tokenizer(c, train_split.documents())
   load = lambda split: data.load_tokens(split, sp, workdir.cache_dir(c), c.tokenize_workers)
   train_tokens, eval_tokens = load(train_split), load(eval_split)
   cfg = ModelConfig(V=sp.vocab_size(), **c.model)
-  run = update.setup(cfg, c, mesh)
-
   # Each process reads only its shard of the rows: its part of every global batch.
   shard, batch_sharding = grain.sharding.ShardByJaxProcess(), sharding.batch_sharding(mesh)
   ds = data.train_dataset(
     train_tokens, cfg.L, c.batch_size, c.seed, c.packing, shard, batch_sharding
   )
-  batches = iter(ds)
   eval_data = data.eval_data(eval_tokens, cfg.L, c.eval_batch_size, shard)
+  return Inputs(cfg, train_tokens, eval_tokens, iter(ds), eval_data, batch_sharding)
+
+
+def _train(
+  c: ConfigDict, inputs: Inputs, mngr: ocp.CheckpointManager, stop: StopSignal
+) -> dict[str, float]:
+  """The body of train_and_evaluate, in a locked workdir, once the inputs are ready."""
+  cfg, batches, eval_data = inputs.cfg, inputs.batches, inputs.eval_data
+  batch_sharding = inputs.batch_sharding
+  run = update.setup(cfg, c, batch_sharding.mesh)
   state = _restore(c, mngr, run, batches)
   step = int(state['step'])
   if jax.process_index() == 0:
     workdir.write_config(c)
     # Rows of steps after the restored one come from a run killed before its next checkpoint.
     metrics.drop_rows_after(c.workdir, step)
-  _banner(c, cfg, state['params'], train_tokens, eval_tokens)
+  _banner(c, cfg, state['params'], inputs.train_tokens, inputs.eval_tokens)
   log(f'starting at step {step} of {c.opt.num_train_steps}.')
 
   progress = Progress()

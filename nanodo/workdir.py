@@ -5,6 +5,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterable, Iterator
 
@@ -51,6 +52,45 @@ def lock(workdir: str) -> Iterator[None]:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _entries(path: str) -> set[str]:
+  """Every file and directory under path, relative to it."""
+  entries = set()
+  for d, dirs, files in os.walk(path):
+    entries.update(os.path.relpath(os.path.join(d, n), path) for n in dirs + files)
+  return entries
+
+
+@contextlib.contextmanager
+def undone_if_refused(workdir: str) -> Iterator[None]:
+  """Removes what the block wrote in workdir if it raises ValueError (a refused start).
+
+  A new workdir goes, with the parents made for it; an existing one keeps what it held.
+  """
+  made = os.path.abspath(workdir)  # the outermost directory that does not exist yet
+  while not os.path.exists(os.path.dirname(made)):
+    made = os.path.dirname(made)
+  before = _entries(workdir) if os.path.isdir(workdir) else None
+  try:
+    yield
+  except ValueError:
+    if jax.process_index() == 0:  # the other processes of a run write nothing there
+      _remove_new(workdir, made, before)
+    raise
+
+
+def _remove_new(workdir: str, made: str, before: set[str] | None) -> None:
+  """Removes made if workdir did not exist before, else what is in workdir but not in before."""
+  if before is None:
+    shutil.rmtree(made, ignore_errors=True)
+    return
+  new = _entries(workdir) - before
+  for path in (os.path.join(workdir, p) for p in new if os.path.dirname(p) not in new):
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
 
 
 def read_config(workdir: str) -> dict | None:

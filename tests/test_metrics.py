@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -53,6 +54,24 @@ def test_tensorboard_events_read_back_equal_the_jsonl(tiny_run):
   assert {'hparams/config/text_summary', 'hparams/versions/text_summary'} <= set(
     events.Tags()['tensors']
   )
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
+  event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
+
+  def steps(key):
+    events = event_accumulator.EventAccumulator(c.workdir, size_guidance={'scalars': 0})
+    events.Reload()
+    return [e.step for e in events.Scalars(key)]
+
+  c = tiny_config(str(tmp_path / 'run'))  # checkpoints at 3 and 6, an evaluation at 6
+  train.train_and_evaluate(c)
+  assert steps('loss') == [1, 2, 3, 4, 5, 6]
+  # What a run killed while saving step 6 leaves: steps 4-6 logged, checkpoint 3 the latest.
+  shutil.rmtree(os.path.join(c.workdir, 'checkpoints', '6'))
+  train.train_and_evaluate(c)
+  assert steps('loss') == [1, 2, 3, 4, 5, 6]
+  assert steps('eval_loss') == [6]
 
 
 def test_hyper_parameters_are_recorded_once_per_start(tiny_run):

@@ -1,4 +1,4 @@
-"""No pickle: a run writes none, and neither training nor sampling unpickles anything."""
+"""No pickle: a run writes none; training, sampling and evaluation unpickle nothing."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import pickletools
 import subprocess
 import sys
 
-from conftest import MAIN, NO_UNPICKLING
+from conftest import MAIN, NO_UNPICKLING, NUM_STEPS
 
 
 def _is_pickle(content: bytes) -> bool:
@@ -30,26 +30,31 @@ def test_a_run_writes_no_pickle(reference):
     assert not _is_pickle(content), path
 
 
+def _guarded(*args: str) -> subprocess.CompletedProcess:
+  """main.py with args, under the audit hook that reports any unpickling."""
+  cmd = [sys.executable, '-c', NO_UNPICKLING, MAIN, *args]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
 def test_sampling_from_a_checkpoint_unpickles_nothing(reference):
   reference_dir, _ = reference
-  out = subprocess.run(
-    [
-      sys.executable,
-      '-c',
-      NO_UNPICKLING,
-      MAIN,
-      'sample',
-      f'--workdir={reference_dir}',
-      '--prompt=ROMEO:',
-      '--max_new_tokens=4',
-      '--temperature=0',
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
+  out = _guarded(
+    'sample',
+    f'--workdir={reference_dir}',
+    '--prompt=ROMEO:',
+    '--max_new_tokens=4',
+    '--temperature=0',
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith('ROMEO:')
+  assert 'UNPICKLED' not in out.stderr, out.stderr
+
+
+def test_evaluating_a_checkpoint_unpickles_nothing(reference):
+  reference_dir, _ = reference
+  out = _guarded('eval', f'--workdir={reference_dir}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith(f'step {NUM_STEPS} held-out (shakespeare): loss ')
   assert 'UNPICKLED' not in out.stderr, out.stderr
 
 

@@ -16,9 +16,9 @@ def _default_sigint() -> None:
   signal.signal(signal.SIGINT, signal.SIG_DFL)  # as from a terminal, even if pytest ignores it
 
 
-def _start(workdir: str) -> subprocess.Popen:
+def _start(workdir: str, *flags: str, num_steps: int = NUM_STEPS) -> subprocess.Popen:
   return subprocess.Popen(
-    guarded_command(workdir),
+    guarded_command(workdir, num_steps) + list(flags),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -135,6 +135,29 @@ def test_sigint_finishes_the_step_checkpoints_and_exits_0(reference, tmp_path):
   workdir = _new_workdir(reference_dir, tmp_path)
   step = _stop_with(signal.SIGINT, workdir)
   assert step_losses(workdir) == expected[:step]
+
+
+def test_a_second_sigint_stops_at_once_without_a_checkpoint(tmp_path):
+  """Over 30 s: a run of its own, with steps long enough to send a second signal during one."""
+  workdir = str(tmp_path / 'run')
+  # Checkpoints only at the end: any checkpoint would be the graceful stop's. Later flags win.
+  slow = ('--config.batch_size=1024', '--config.checkpoint_every_steps=1000')
+  p = _start(workdir, *slow, num_steps=1000)
+  _wait_until(p, lambda: any(r['step'] >= 2 for r in metric_rows(workdir)))
+  p.send_signal(signal.SIGINT)
+  # The second signal only once the first is handled: two sent together may arrive as one.
+  handled = next((line for line in p.stderr if 'SIGINT: stopping after this step' in line), None)
+  assert handled, p.communicate()
+  p.send_signal(signal.SIGINT)
+  sent = time.time()
+  stdout, stderr = p.communicate(timeout=300)
+  assert time.time() - sent < 30  # the rest of the run, not stopped, would take minutes
+  assert p.returncode == 1, stderr[-3000:]
+  assert 'Interrupted; the checkpoints written so far are kept.' in stderr
+  assert 'Traceback' not in stderr
+  assert 'checkpoint saved' not in stdout
+  assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  assert max(r['step'] for r in metric_rows(workdir)) < 1000
 
 
 def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_ends_the_same(reference, tmp_path):

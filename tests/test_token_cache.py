@@ -83,6 +83,27 @@ def test_a_corrupt_cache_is_named_and_rebuilt(tmp_path, capsys, damage):
   np.testing.assert_array_equal(tokens.ids, _expected(sp, DOCS))
 
 
+@pytest.mark.parametrize('array', ['tokens', 'offsets'])
+def test_a_flipped_byte_of_the_right_size_is_caught_by_the_checksum(tmp_path, capsys, array):
+  sp = tokenizer.load(VOCAB)
+  built = token_cache.load(_split(DOCS), sp, str(tmp_path), workers=1)
+  (path,) = (os.path.join(tmp_path, p) for p in os.listdir(tmp_path) if p.endswith(f'{array}.bin'))
+  # The low byte of the second document's first id, or of where the second document starts:
+  # the sizes and the offsets' order still agree with the metadata.
+  position = 2 * built.offsets[1] + 2 if array == 'tokens' else 8
+  with open(path, 'r+b') as f:
+    f.seek(position)
+    byte = f.read(1)[0]
+    f.seek(position)
+    f.write(bytes([byte ^ 1]))
+  tokens = token_cache.load(_split(DOCS), sp, str(tmp_path), workers=1)
+  assert f'its {array}.bin does not match its checksum (corrupt); rebuilding it' in (
+    capsys.readouterr().out
+  )
+  np.testing.assert_array_equal(tokens.ids, _expected(sp, DOCS))
+  np.testing.assert_array_equal(tokens.offsets, built.offsets)
+
+
 def test_a_failed_build_leaves_no_cache_behind(tmp_path):
   def docs():
     yield DOCS[0]

@@ -58,9 +58,10 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
     validate.check_resume(c)  # before anything of the earlier run is replaced
     mngr = checkpoint.manager(os.path.join(c.workdir, workdir.CHECKPOINTS), c.max_to_keep)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
-    # Closing waits for a save in flight, also when an error or a signal ends the run. Steps are
-    # traced with the mesh in context: the model splits activations along B over it.
-    with StopSignal() as stop, contextlib.closing(mngr), jax.set_mesh(mesh):
+    # Closing waits for a save in flight, also when an error or a signal ends the run, and
+    # raises checkpoint.SaveError if it failed. Steps are traced with the mesh in context: the
+    # model splits activations along B over it.
+    with StopSignal() as stop, checkpoint.closing(mngr), jax.set_mesh(mesh):
       return _train(c, mngr, stop, mesh)
 
 
@@ -122,6 +123,7 @@ def _train(
     if stop.name and step < c.opt.num_train_steps:
       if mngr.latest_step() != step:
         checkpoint.save(mngr, step, state, batches)
+      checkpoint.wait(mngr)  # before saying it is saved; SaveError if it could not be
       resume = 'Run the same command to resume.'
       log(f'Stopped by {stop.name} at step {step}, checkpoint saved. {resume}')
       return {}

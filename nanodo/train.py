@@ -85,14 +85,19 @@ def _train(
   )
   batches = iter(ds)
   eval_data = data.eval_data(eval_tokens, cfg.L, c.eval_batch_size, shard)
-  state = _restore(c, mngr, run, batches)
+  state, restored = _restore(c, mngr, run, batches)
   step = int(state['step'])
   if jax.process_index() == 0:
     workdir.write_config(c)
     # Rows of steps after the restored one come from a run killed before its next checkpoint.
     metrics.drop_rows_after(c.workdir, step)
   _banner(c, cfg, state['params'], train_tokens, eval_tokens)
-  log(f'starting at step {step} of {c.opt.num_train_steps}.')
+  if restored:
+    log(restored)
+  if step < c.opt.num_train_steps:
+    log(f'starting at step {step} of {c.opt.num_train_steps}.')
+  else:
+    log(f'step {step} of {c.opt.num_train_steps}: nothing left to train; evaluating.')
 
   progress = Progress()
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
@@ -138,15 +143,21 @@ def _train(
 
 def _restore(
   c: ConfigDict, mngr: ocp.CheckpointManager, run: update.Setup, batches: grain.DatasetIterator
-) -> PyTree:
-  """The workdir's latest checkpoint, else checkpoint_restore_dir's, else the initial state."""
+) -> tuple[PyTree, str]:
+  """The workdir's latest checkpoint, else checkpoint_restore_dir's, else the initial state.
+
+  Also the line that says which checkpoint it is and where from; '' for the initial state.
+  """
+  what = '(model, optimizer, data position)'
   if mngr.latest_step() is not None:
-    return checkpoint.restore(mngr, run.state, run.shardings, batches)
+    state = checkpoint.restore(mngr, run.state, run.shardings, batches)
+    return state, f'resumed from checkpoint {int(state["step"])} in {mngr.directory} {what}'
   if not c.checkpoint_restore_dir:
-    return run.state
+    return run.state, ''
   other = checkpoint.manager(os.path.join(c.checkpoint_restore_dir, workdir.CHECKPOINTS))
   with contextlib.closing(other):
-    return checkpoint.restore(other, run.state, run.shardings, batches, set_aside=False)
+    state = checkpoint.restore(other, run.state, run.shardings, batches, set_aside=False)
+    return state, f'starting from checkpoint {int(state["step"])} in {other.directory} {what}'
 
 
 def _banner(

@@ -1,6 +1,10 @@
 """Orbax checkpoints of the train state and data position, each verified by a fingerprint."""
 
+import contextlib
+import errno
 import os
+import re
+from collections.abc import Iterator
 
 import grain
 import jax
@@ -14,6 +18,11 @@ from nanodo.tree import PyTree
 Manager = ocp.CheckpointManager
 DataIter = grain.DatasetIterator
 _UINTS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class SaveError(Exception):
+  """A checkpoint could not be written; the message names it, why, and the last complete one."""
 
 
 def manager(directory: str, max_to_keep: int | None = None) -> Manager:
@@ -53,14 +62,81 @@ def _fingerprint(state: PyTree) -> dict[str, int]:
 
 
 def save(mngr: Manager, step: int, state: PyTree, data_iter: DataIter) -> None:
-  """Starts an asynchronous save of state, the data position and their fingerprint."""
+  """Starts an asynchronous save of state, the data position and their fingerprint.
+
+  SaveError if this save, or the one before it (still in flight until now), cannot be written.
+  """
+  wait(mngr)
   saved = {'state': _fingerprint(state), 'data': data_iter.get_state()}
   args = ocp.args.Composite(
     state=ocp.args.StandardSave(state),
     data=grain.checkpoint.CheckpointSave(data_iter),
     fingerprint=ocp.args.JsonSave(saved),
   )
-  mngr.save(step, args=args)
+  try:
+    mngr.save(step, args=args)
+  # Any error: the arrays' writes (TensorStore) raise ValueError, the files' OSError.
+  except Exception as e:
+    raise _save_error(mngr, step, e) from e
+
+
+def wait(mngr: Manager) -> None:
+  """Waits until the save in flight, if any, is complete on disk; SaveError if it failed."""
+  step = mngr.latest_step()  # a save in flight is already the latest step
+  try:
+    mngr.wait_until_finished()
+    mngr.check_for_errors()  # its metadata, written apart
+  except Exception as e:
+    raise _save_error(mngr, step, e) from e
+
+
+@contextlib.contextmanager
+def closing(mngr: Manager) -> Iterator[Manager]:
+  """mngr, closed on the way out once the save in flight is done; SaveError if that failed.
+
+  A SaveError of that save supersedes another error that ends the body.
+  """
+  try:
+    yield mngr
+  except SaveError:
+    with contextlib.suppress(Exception):  # the failed save's other writes: reported already
+      mngr.close()
+    raise
+  except BaseException:
+    _close(mngr)
+    raise
+  _close(mngr)
+
+
+def _close(mngr: Manager) -> None:
+  try:
+    wait(mngr)
+  except SaveError:
+    with contextlib.suppress(Exception):
+      mngr.close()
+    raise
+  mngr.close()
+
+
+def _save_error(mngr: Manager, step: int, e: Exception) -> SaveError:
+  """The error of checkpoint step, naming the last complete checkpoint on disk."""
+  # TensorStore reports the OS error inside its message: ... [os_error_code='28']
+  code = re.search(r"os_error_code='?(\d+)", str(e))
+  code = e.errno if isinstance(e, OSError) else int(code[1]) if code else None
+  why = f'OSError: [Errno {code}] {os.strerror(code)}' if code else _one_line(e)
+  mngr.reload()  # the steps on disk: a failed save left at most a temporary directory
+  last, directory = mngr.latest_step(), mngr.directory
+  kept = f'the last complete checkpoint is step {last} in {directory}'
+  kept = kept if last is not None else f'{directory} holds no complete checkpoint'
+  fix = 'Free some space' if code in _NO_SPACE else 'Fix the cause'
+  resume = f'{fix} and run the same command to resume.'
+  return SaveError(f'checkpoint {step} could not be written ({why}); {kept}. {resume}')
+
+
+def _one_line(e: Exception) -> str:
+  """The first line of e with its type, at most 200 characters."""
+  why = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
+  return why if len(why) <= 200 else why[:197] + '...'
 
 
 def _abstract(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -85,8 +161,7 @@ def _restore_step(
       raise ValueError('its data does not match the fingerprint written with it')
   # Any error: Orbax and TensorStore raise many types on damaged files.
   except Exception as e:
-    why = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-    raise ValueError(why if len(why) <= 200 else why[:197] + '...') from e
+    raise ValueError(_one_line(e)) from e
   return state
 
 

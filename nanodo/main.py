@@ -1,13 +1,16 @@
 """Entry point: `nanodo [train] --config=...` trains; `sample`, `eval` and `plot` read a workdir."""
 
+import logging as std_logging
+import os
 import re
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nanodo import evaluate, host, sample, sharding, train, validate, workdir
+from nanodo import checkpoint, evaluate, host, sample, sharding, train, validate, workdir
 from nanodo.progress import Progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
@@ -31,6 +34,7 @@ def _train(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  _quiet_failed_saves(logging.get_absl_handler())
   c = _CONFIG.value
   if c is None:
     sys.exit('Give a config, e.g. --config=nanodo/configs/default.py')
@@ -39,12 +43,31 @@ def _train(argv: list[str]) -> None:
     sharding.initialize_distributed(c.distributed)
     validate.check_devices(c, jax.device_count())
     result = train.train_and_evaluate(c)
-  except (ValueError, FloatingPointError, ConnectionError) as e:
+  except (ValueError, FloatingPointError, ConnectionError, checkpoint.SaveError) as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
     sys.exit('Interrupted; the checkpoints written so far are kept.')
   if result and jax.process_index() == 0:
     print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+
+
+def _quiet_failed_saves(handler: std_logging.Handler) -> None:
+  """Keeps Orbax's own reports of a failed save off the console: SaveError says it in a line.
+
+  They are its errors logged through handler, with tracebacks, and those of the writes it left
+  running, which end after their event loop has closed (Python calls them unraisable).
+  """
+  handler.addFilter(_not_from_orbax)
+  report = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if str(u.exc_value) == 'Event loop is closed' else report(u)
+
+
+def _not_from_orbax(record: std_logging.LogRecord) -> bool:
+  """False for an error that Orbax logs or that an Orbax task raised (asyncio logs those)."""
+  tb = record.exc_info[2] if record.exc_info else None
+  files = [record.pathname, *(f.f_code.co_filename for f, _ in traceback.walk_tb(tb))]
+  orbax = f'{os.sep}orbax{os.sep}checkpoint{os.sep}'
+  return record.levelno < std_logging.ERROR or not any(orbax in f for f in files)
 
 
 def _one_workdir(argv: list[str]) -> str:

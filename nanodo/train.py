@@ -79,9 +79,10 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
       mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
       inputs = _inputs(c, mesh)
     mngr = checkpoint.manager(os.path.join(c.workdir, workdir.CHECKPOINTS), c.max_to_keep)
-    # Closing waits for a save in flight, also when an error or a signal ends the run. Steps are
-    # traced with the mesh in context: the model splits activations along B over it.
-    with contextlib.closing(mngr), jax.set_mesh(mesh):
+    # Closing waits for a save in flight, also when an error or a signal ends the run, and
+    # raises checkpoint.SaveError if it failed. Steps are traced with the mesh in context: the
+    # model splits activations along B over it.
+    with checkpoint.closing(mngr), jax.set_mesh(mesh):
       return _train(c, inputs, mngr, stop)
 
 
@@ -108,14 +109,19 @@ def _train(
   cfg, batches, eval_data = inputs.cfg, inputs.batches, inputs.eval_data
   batch_sharding = inputs.batch_sharding
   run = update.setup(cfg, c, batch_sharding.mesh)
-  state = _restore(c, mngr, run, batches)
+  state, restored = _restore(c, mngr, run, batches)
   step = int(state['step'])
   if jax.process_index() == 0:
     workdir.write_config(c)
     # Rows of steps after the restored one come from a run killed before its next checkpoint.
     metrics.drop_rows_after(c.workdir, step)
   _banner(c, cfg, state['params'], inputs.train_tokens, inputs.eval_tokens)
-  log(f'starting at step {step} of {c.opt.num_train_steps}.')
+  if restored:
+    log(restored)
+  if step < c.opt.num_train_steps:
+    log(f'starting at step {step} of {c.opt.num_train_steps}.')
+  else:
+    log(f'step {step} of {c.opt.num_train_steps}: nothing left to train; evaluating.')
 
   progress = Progress()
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
@@ -147,6 +153,7 @@ def _train(
     if stop.name and step < c.opt.num_train_steps:
       if mngr.latest_step() != step:
         checkpoint.save(mngr, step, state, batches)
+      checkpoint.wait(mngr)  # before saying it is saved; SaveError if it could not be
       resume = 'Run the same command to resume.'
       log(f'Stopped by {stop.name} at step {step}, checkpoint saved. {resume}')
       return {}
@@ -161,15 +168,21 @@ def _train(
 
 def _restore(
   c: ConfigDict, mngr: ocp.CheckpointManager, run: update.Setup, batches: grain.DatasetIterator
-) -> PyTree:
-  """The workdir's latest checkpoint, else checkpoint_restore_dir's, else the initial state."""
+) -> tuple[PyTree, str]:
+  """The workdir's latest checkpoint, else checkpoint_restore_dir's, else the initial state.
+
+  Also the line that says which checkpoint it is and where from; '' for the initial state.
+  """
+  what = '(model, optimizer, data position)'
   if mngr.latest_step() is not None:
-    return checkpoint.restore(mngr, run.state, run.shardings, batches)
+    state = checkpoint.restore(mngr, run.state, run.shardings, batches)
+    return state, f'resumed from checkpoint {int(state["step"])} in {mngr.directory} {what}'
   if not c.checkpoint_restore_dir:
-    return run.state
+    return run.state, ''
   other = checkpoint.manager(os.path.join(c.checkpoint_restore_dir, workdir.CHECKPOINTS))
   with contextlib.closing(other):
-    return checkpoint.restore(other, run.state, run.shardings, batches, set_aside=False)
+    state = checkpoint.restore(other, run.state, run.shardings, batches, set_aside=False)
+    return state, f'starting from checkpoint {int(state["step"])} in {other.directory} {what}'
 
 
 def _banner(

@@ -92,7 +92,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
-def guarded_command(workdir: str, num_steps: int = NUM_STEPS) -> list[str]:
+def guarded_command(workdir: str, num_steps: int = NUM_STEPS, **overrides) -> list[str]:
   """A tiny model's training command, under NO_UNPICKLING; a checkpoint every 2 steps."""
   # A constant learning rate: the losses of the first steps do not depend on num_steps.
   flags = {
@@ -112,6 +112,7 @@ def guarded_command(workdir: str, num_steps: int = NUM_STEPS) -> list[str]:
     'log_every_steps': 100,
     'eval_every_steps': 1000,
     'peak_tflops': 1.0,
+    **overrides,
   }
   return [
     sys.executable,
@@ -123,10 +124,11 @@ def guarded_command(workdir: str, num_steps: int = NUM_STEPS) -> list[str]:
   ]
 
 
-def run_guarded(workdir: str, num_steps: int = NUM_STEPS) -> subprocess.CompletedProcess:
-  out = subprocess.run(
-    guarded_command(workdir, num_steps), capture_output=True, text=True, timeout=900
-  )
+def run_guarded(
+  workdir: str, num_steps: int = NUM_STEPS, **overrides
+) -> subprocess.CompletedProcess:
+  command = guarded_command(workdir, num_steps, **overrides)
+  out = subprocess.run(command, capture_output=True, text=True, timeout=900)
   assert 'UNPICKLED' not in out.stderr, out.stderr
   return out
 

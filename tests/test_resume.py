@@ -72,12 +72,35 @@ def test_seed_command_line_trains_and_a_second_call_resumes(tmp_path):
   assert sorted(_losses(workdir)) == list(range(1, 7))
 
 
-def test_checkpoint_restore_dir_starts_from_another_run(tmp_path):
+def test_checkpoint_restore_dir_starts_from_another_run(tmp_path, capsys):
   _run(str(tmp_path / 'a'), 3)
+  capsys.readouterr()
   c = tiny_config(str(tmp_path / 'b'), checkpoint_restore_dir=str(tmp_path / 'a'))
   c.opt.update(num_train_steps=5, warmup_steps=0, decay_type='constant')
   train.train_and_evaluate(c)
   assert sorted(_losses(str(tmp_path / 'b'))) == [4, 5]
+  other = tmp_path / 'a' / 'checkpoints'
+  lines = capsys.readouterr().out.splitlines()
+  assert f'starting from checkpoint 3 in {other} (model, optimizer, data position)' in lines
+
+
+def test_a_resumed_run_names_its_checkpoint_and_a_finished_one_says_nothing_is_left(
+  tmp_path, capsys
+):
+  workdir = str(tmp_path / 'run')
+  _run(workdir, 3)
+  lines = capsys.readouterr().out.splitlines()
+  assert 'starting at step 0 of 3.' in lines
+  assert not any(line.startswith(('resumed', 'starting from')) for line in lines)
+  _run(workdir, 3)
+  lines = capsys.readouterr().out.splitlines()
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  restored = f'resumed from checkpoint 3 in {checkpoints} (model, optimizer, data position)'
+  nothing_left = 'step 3 of 3: nothing left to train; evaluating.'
+  assert restored in lines and nothing_left in lines
+  assert not any(line.startswith('starting at') for line in lines)
+  evaluation = next(i for i, line in enumerate(lines) if line.startswith('eval at step 3 |'))
+  assert lines.index(restored) < lines.index(nothing_left) < evaluation
 
 
 def test_nan_stops_with_the_step_named_and_saves_nothing_over_the_good_checkpoint(tmp_path):

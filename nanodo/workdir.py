@@ -15,6 +15,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from nanodo import checkpoint, sharding, tokenizer
+from nanodo.configs import default
 from nanodo.model import ModelConfig, TransformerDecoder
 from nanodo.progress import log
 from nanodo.tree import PyTree
@@ -81,7 +82,10 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   c = read_config(workdir)
   if c is None:
     raise ValueError(f'workdir={workdir!r} has no {CONFIG}: not a nanodo training directory.')
-  return ml_collections.ConfigDict({**c, 'workdir': workdir})
+  # Model keys added since the run was made (model.norm_eps) take their defaults: the behaviour
+  # before them.
+  model = {**default.get_config().model.to_dict(), **c.get('model', {})}
+  return ml_collections.ConfigDict({**c, 'model': model, 'workdir': workdir})
 
 
 def cache_dir(c: ml_collections.ConfigDict) -> str:

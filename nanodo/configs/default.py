@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.positions = 'learned'  # 'learned' | 'rope' | 'none'
   c.model.rope_base = 10_000.0
   c.model.norm = 'layernorm'  # 'layernorm' (no bias) | 'rmsnorm'
+  c.model.norm_eps = 1e-6  # added to the variance (mean square) in every norm
   c.model.mlp = 'gelu'  # 'gelu' | 'swiglu'
   c.model.qk_norm = False  # normalise queries and keys per head
   c.model.KV = 0  # key/value heads, dividing H (1: multi-query); 0: H (multi-head)

@@ -10,7 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from nanodo import checkpoint, data, metrics, sharding, sources, update, validate, workdir
+from nanodo import checkpoint, data, hf, metrics, sharding, sources, update, validate, workdir
 from nanodo.evaluate import evaluate
 from nanodo.model import ModelConfig
 from nanodo.progress import Progress, log
@@ -53,6 +53,7 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
   One run at a time per workdir (its processes together). SIGINT or SIGTERM end the run after
   the current step and a checkpoint; it then returns {}.
   """
+  c = hf.import_config(c)  # hf_init_dir's model keys, and its files checked before any write
   os.makedirs(c.workdir, exist_ok=True)
   with workdir.lock(c.workdir):
     validate.check_resume(c)  # before anything of the earlier run is replaced
@@ -137,9 +138,14 @@ def _train(
 def _restore(
   c: ConfigDict, mngr: ocp.CheckpointManager, run: update.Setup, batches: grain.DatasetIterator
 ) -> PyTree:
-  """The workdir's latest checkpoint, else checkpoint_restore_dir's, else the initial state."""
+  """The workdir's last checkpoint; else checkpoint_restore_dir's, hf_init_dir's weights, step 0."""
   if mngr.latest_step() is not None:
     return checkpoint.restore(mngr, run.state, run.shardings, batches)
+  if c.hf_init_dir:
+    log(f'step 0 parameters: the weights of hf_init_dir={c.hf_init_dir!r}.')
+    params = jax.device_put(hf.import_params(c, run.state['params']), run.shardings['params'])
+    # The optimizers' initial states hold zeros of the parameters' shapes, not their values.
+    return {**run.state, 'params': params}
   if not c.checkpoint_restore_dir:
     return run.state
   other = checkpoint.manager(os.path.join(c.checkpoint_restore_dir, workdir.CHECKPOINTS))

@@ -80,6 +80,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
     steps = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
     valid = 'a nanodo workdir with checkpoints (it has no checkpoints/<step>)'
     yield 'checkpoint_restore_dir', any(s.isdigit() for s in steps), valid
+    yield 'hf_init_dir', not c.hf_init_dir, 'give it or checkpoint_restore_dir, not both'
   for key in _COUNTS:
     yield key, flat[key] > 0, _POSITIVE
   yield 'seed', 0 <= c.seed < 2**32, 'must be in [0, 2**32)'

@@ -124,4 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_to_keep = 3
   # Restore the latest checkpoint of this directory when the workdir has none.
   c.checkpoint_restore_dir = ''
+  # A local Hugging Face model directory (GPT-2, Llama or Qwen3, safetensors weights) whose weights
+  # are the step-0 parameters, when the workdir has no checkpoint; its config.json gives the model
+  # keys, its tokenizer.model the tokenizer (README, "Using a trained model elsewhere").
+  c.hf_init_dir = ''
   return c

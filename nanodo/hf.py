@@ -21,14 +21,9 @@ _NEEDS = "needs the safetensors package: pip install 'nanodo[hf-models]'"
 _BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq')
 
 
-def _flat(params: PyTree) -> dict:
-  """{'blocks/0/attn/wq_DxHxK': leaf, ...} of a parameter tree."""
-  return {tree.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-
-
 def _hf_shapes(cfg: ModelConfig, name: str) -> dict[str, tuple]:
   """The shape of every tensor of a model cfg of the family name (no weights made)."""
-  abstract = _flat(nnx.state(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0)))))
+  abstract = tree.by_path(nnx.state(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0)))))
   hf = jax.eval_shape(lambda p: hf_families.to_hf(cfg, name, p), abstract)
   return {k: tuple(v.shape) for k, v in hf.items()}
 
@@ -64,7 +59,7 @@ def export(path: str, out: str, step: int | None = None) -> str:
     'tokenizer.json': tokenizer.hf_tokenizer(vocab),
     'tokenizer_config.json': _tokenizer_config(sp, run.cfg.L),
   }
-  tensors = hf_families.to_hf(run.cfg, name, _flat(jax.device_get(run.params)))
+  tensors = hf_families.to_hf(run.cfg, name, tree.by_path(jax.device_get(run.params)))
   # Contiguous: safetensors writes an array's memory as it lies, whatever its strides.
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
   dest = os.path.abspath(out)
@@ -204,7 +199,7 @@ def import_params(c: ml_collections.ConfigDict, params: PyTree) -> PyTree:
   cfg, name = ModelConfig(V=c.vocab_size, **c.model), hf_families.family(c.model)
   index = _index(c.hf_init_dir, f'hf_init_dir={c.hf_init_dir!r}', name == 'gpt2')
   tensors = _read(index, list(_hf_shapes(cfg, name)), values=True)
-  shapes = {k: v.shape for k, v in _flat(params).items()}
+  shapes = {k: v.shape for k, v in tree.by_path(params).items()}
   flat = hf_families.from_hf(cfg, name, tensors, shapes)
   return jax.tree_util.tree_map_with_path(
     lambda p, x: flat[tree.path_str(p)].astype(x.dtype), params

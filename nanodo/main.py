@@ -120,7 +120,7 @@ def _export(argv: list[str]) -> None:
     sys.exit('error: give the directory to write, e.g. --out=/tmp/nanodo_hf')
   try:
     name = hf.export(path, _OUT.value, _STEP.value)
-  except ValueError as e:
+  except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
   load = f'transformers.AutoModelForCausalLM.from_pretrained({_OUT.value!r})'
   print(f'wrote {_OUT.value}: a {name} model for {load}')

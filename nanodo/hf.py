@@ -53,9 +53,10 @@ def export(path: str, out: str, step: int | None = None) -> str:
     raise ValueError(f'nanodo export {_NEEDS}') from None
   run = workdir.load(path, step)
   vocab, sp = workdir.tokenizer_path(run.config), run.sp
+  config = hf_families.hf_config(run.cfg, name, sp)
   files = {
-    'config.json': hf_families.hf_config(run.cfg, name, sp),
-    'generation_config.json': {'bos_token_id': sp.bos_id(), 'eos_token_id': sp.eos_id()},
+    'config.json': config,
+    'generation_config.json': {k: v for k, v in config.items() if k.endswith('_token_id')},
     'tokenizer.json': tokenizer.hf_tokenizer(vocab),
     'tokenizer_config.json': _tokenizer_config(sp, run.cfg.L),
   }

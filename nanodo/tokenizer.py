@@ -78,21 +78,22 @@ def hf_tokenizer(path: str) -> dict:
   """The Hugging Face tokenizer.json that gives this model's ids on any text.
 
   SentencePiece's BPE merges the adjacent pair whose union is the best-scoring piece; the same
-  merges, ranked by that score, make a `tokenizers` BPE with byte fallback. Special pieces match
-  as special tokens only where transformers is told (split_special_tokens: not in text).
+  merges, ranked by that score, make a `tokenizers` BPE. Special pieces in a text are text, as in
+  SentencePiece, when transformers is told so (split_special_tokens in tokenizer_config.json).
   """
-  from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: export and import only
+  from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: export only
 
   with open(path, 'rb') as f:
     proto = pb.ModelProto.FromString(f.read())
   spec, norm, Piece = proto.trainer_spec, proto.normalizer_spec, pb.ModelProto.SentencePiece
   odd = [p.piece for p in proto.pieces if p.type in (Piece.USER_DEFINED, Piece.UNUSED)][:3]
-  if spec.model_type != spec.BPE or norm.precompiled_charsmap or norm.remove_extra_whitespaces:
-    odd.append('a normalisation or model type other than BPE with identity normalisation')
-  if odd or not norm.escape_whitespaces or spec.treat_whitespace_as_suffix:
+  plain = spec.model_type == spec.BPE and not norm.precompiled_charsmap
+  plain &= norm.escape_whitespaces and not norm.remove_extra_whitespaces
+  if odd or not plain or spec.treat_whitespace_as_suffix:
+    why = f'pieces {odd} are user-defined or unused' if odd else 'it is not a plain BPE'
     raise ValueError(
-      f'vocab_path={path!r} has no Hugging Face counterpart here ({", ".join(odd)}): export '
-      'takes SentencePiece BPE models with identity normalisation, as nanodo trains.'
+      f'vocab_path={path!r} has no Hugging Face counterpart here ({why}): export takes '
+      'SentencePiece BPE models with identity normalisation, as nanodo trains.'
     )
   normal = {p.piece for p in proto.pieces if p.type == Piece.NORMAL}
   merges = []
@@ -116,7 +117,7 @@ def hf_tokenizer(path: str) -> dict:
   BOS0, BOS1 = ({'SpecialToken': {'id': bos, 'type_id': i}} for i in range(2))
   model = {'type': 'BPE', 'dropout': None, 'unk_token': proto.pieces[spec.unk_id].piece}
   model |= {'continuing_subword_prefix': None, 'end_of_word_suffix': None, 'fuse_unk': True}
-  model |= {'byte_fallback': True, 'ignore_merges': False}
+  model |= {'byte_fallback': spec.byte_fallback, 'ignore_merges': False}
   model |= {'vocab': {p.piece: i for i, p in enumerate(proto.pieces)}, 'merges': merges}
   return {
     'version': '1.0',

@@ -1,4 +1,4 @@
-"""Entry point: `nanodo [train] --config=...` trains; `sample`, `eval` and `plot` read a workdir."""
+"""Entry point: `nanodo [train] --config=...` trains; sample, eval, plot and export read runs."""
 
 import logging as std_logging
 import os
@@ -10,11 +10,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nanodo import checkpoint, evaluate, host, sample, sharding, train, validate, workdir
+from nanodo import checkpoint, evaluate, hf, host, sample, sharding, train, validate, workdir
 from nanodo.progress import Progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
-# `nanodo sample`, `eval` and `plot` flags.
+# `nanodo sample`, `eval`, `plot` and `export` flags.
 _WORKDIR = flags.DEFINE_multi_string(
   'workdir', [], 'A training workdir; `plot` takes several (repeat the flag) to overlay runs.'
 )
@@ -27,7 +27,7 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most probable token
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set with this mass; 1: all.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed of the samples.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.')
-_OUT = flags.DEFINE_string('out', None, '`nanodo plot`: the image file to write, e.g. run.png.')
+_OUT = flags.DEFINE_string('out', None, 'What to write: `plot` an image, `export` a directory.')
 
 
 def _train(argv: list[str]) -> None:
@@ -39,6 +39,7 @@ def _train(argv: list[str]) -> None:
   if c is None:
     sys.exit('Give a config, e.g. --config=nanodo/configs/default.py')
   try:
+    c = hf.import_config(c)  # hf_init_dir's model keys, before the model keys are checked
     validate.check(c)
     sharding.initialize_distributed(c.distributed)
     validate.check_devices(c, jax.device_count())
@@ -136,7 +137,19 @@ def _plot(argv: list[str]) -> None:
   print(f'wrote {_OUT.value}')
 
 
-_COMMANDS = {'train': _train, 'sample': _sample, 'eval': _eval, 'plot': _plot}
+def _export(argv: list[str]) -> None:
+  path = _one_workdir(argv)
+  if not _OUT.value:
+    sys.exit('error: give the directory to write, e.g. --out=/tmp/nanodo_hf')
+  try:
+    name = hf.export(path, _OUT.value, _STEP.value)
+  except (ValueError, OSError) as e:
+    sys.exit(f'error: {e}')
+  load = f'transformers.AutoModelForCausalLM.from_pretrained({_OUT.value!r})'
+  print(f'wrote {_OUT.value}: a {name} model for {load}')
+
+
+_COMMANDS = {'train': _train, 'sample': _sample, 'eval': _eval, 'plot': _plot, 'export': _export}
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -159,7 +172,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-  """Console script `nanodo`: a first argument picks train (the default), sample, eval or plot."""
+  """Console script `nanodo`: a first argument picks train (default), sample, eval, plot, export."""
   host.reuse_freed_memory()  # before JAX starts
   argv = list(sys.argv)
   command = argv.pop(1) if len(argv) > 1 and argv[1] in _COMMANDS else 'train'

@@ -43,6 +43,7 @@ class ModelConfig:
   positions: str
   rope_base: float
   norm: str
+  norm_eps: float
   mlp: str
   qk_norm: bool
   tied: bool
@@ -57,7 +58,7 @@ def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], spec: tuple) -> n
 
 def _norm(cfg: ModelConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
   """LayerNorm without bias, or RMSNorm; a float32 scale either way."""
-  kwargs = {'dtype': cfg.dtype, 'param_dtype': jnp.float32, 'rngs': rngs}
+  kwargs = {'epsilon': cfg.norm_eps, 'dtype': cfg.dtype, 'param_dtype': jnp.float32, 'rngs': rngs}
   if cfg.norm == 'rmsnorm':
     return nnx.RMSNorm(dim, **kwargs)
   return nnx.LayerNorm(dim, use_bias=False, **kwargs)

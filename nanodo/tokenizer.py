@@ -72,3 +72,67 @@ def train(texts: Iterable[str], vocab_size: int, path: str) -> spm.SentencePiece
     f.write(model.getvalue())
   os.replace(tmp, path)
   return load(path)
+
+
+def hf_tokenizer(path: str) -> dict:
+  """The Hugging Face tokenizer.json that gives this model's ids on any text.
+
+  SentencePiece's BPE merges the adjacent pair whose union is the best-scoring piece; the same
+  merges, ranked by that score, make a `tokenizers` BPE. Special pieces in a text are text, as in
+  SentencePiece, when transformers is told so (split_special_tokens in tokenizer_config.json).
+  """
+  from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: export only
+
+  with open(path, 'rb') as f:
+    proto = pb.ModelProto.FromString(f.read())
+  spec, norm, Piece = proto.trainer_spec, proto.normalizer_spec, pb.ModelProto.SentencePiece
+  odd = [p.piece for p in proto.pieces if p.type in (Piece.USER_DEFINED, Piece.UNUSED)][:3]
+  plain = spec.model_type == spec.BPE and not norm.precompiled_charsmap
+  plain &= norm.escape_whitespaces and not norm.remove_extra_whitespaces
+  if odd or not plain or spec.treat_whitespace_as_suffix:
+    why = f'pieces {odd} are user-defined or unused' if odd else 'it is not a plain BPE'
+    raise ValueError(
+      f'vocab_path={path!r} has no Hugging Face counterpart here ({why}): export takes '
+      'SentencePiece BPE models with identity normalisation, as nanodo trains.'
+    )
+  normal = {p.piece for p in proto.pieces if p.type == Piece.NORMAL}
+  merges = []
+  for p in sorted((p for p in proto.pieces if p.type == Piece.NORMAL), key=lambda p: -p.score):
+    merges += [[p.piece[:i], p.piece[i:]] for i in range(1, len(p.piece))]
+  merges = [m for m in merges if m[0] in normal and m[1] in normal]
+  bos = proto.pieces[spec.bos_id].piece
+  added = [
+    {'id': i, 'content': p.piece, 'single_word': False, 'lstrip': False, 'rstrip': False}
+    | {'normalized': False, 'special': True}
+    for i, p in enumerate(proto.pieces)
+    if p.type in (Piece.CONTROL, Piece.UNKNOWN)
+  ]
+  normalizers = [{'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'}]
+  decoders = [{'type': 'Replace', 'pattern': {'String': '▁'}, 'content': ' '}]
+  decoders += [{'type': 'ByteFallback'}, {'type': 'Fuse'}]
+  if norm.add_dummy_prefix:  # a '▁' before the text, dropped again when decoding
+    normalizers.insert(0, {'type': 'Prepend', 'prepend': '▁'})
+    decoders.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
+  A, B = ({'Sequence': {'id': s, 'type_id': i}} for i, s in enumerate('AB'))
+  BOS0, BOS1 = ({'SpecialToken': {'id': bos, 'type_id': i}} for i in range(2))
+  model = {'type': 'BPE', 'dropout': None, 'unk_token': proto.pieces[spec.unk_id].piece}
+  model |= {'continuing_subword_prefix': None, 'end_of_word_suffix': None, 'fuse_unk': True}
+  model |= {'byte_fallback': spec.byte_fallback, 'ignore_merges': False}
+  model |= {'vocab': {p.piece: i for i, p in enumerate(proto.pieces)}, 'merges': merges}
+  return {
+    'version': '1.0',
+    'truncation': None,
+    'padding': None,
+    'added_tokens': added,
+    'normalizer': {'type': 'Sequence', 'normalizers': normalizers},
+    'pre_tokenizer': None,
+    # BOS before the text, as nanodo's prompts and documents begin; EOS is left to the caller.
+    'post_processor': {
+      'type': 'TemplateProcessing',
+      'single': [BOS0, A],
+      'pair': [BOS0, A, BOS1, B],
+      'special_tokens': {bos: {'id': bos, 'ids': [spec.bos_id], 'tokens': [bos]}},
+    },
+    'decoder': {'type': 'Sequence', 'decoders': decoders},
+    'model': model,
+  }

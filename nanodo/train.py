@@ -11,7 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from nanodo import checkpoint, data, metrics, sharding, sources, update, validate, workdir
+from nanodo import checkpoint, data, hf, metrics, sharding, sources, update, validate, workdir
 from nanodo.evaluate import evaluate
 from nanodo.model import ModelConfig
 from nanodo.progress import Progress, log
@@ -66,6 +66,7 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
   One run at a time per workdir (its processes together). SIGINT or SIGTERM end the run after
   the current step and a checkpoint; it then returns {}.
   """
+  c = hf.import_config(c)  # hf_init_dir's model keys, and its files checked before any write
   with StopSignal() as stop, contextlib.ExitStack() as held:  # held: the lock, to the end
     # The checks that need the corpus come before any state; a start they refuse leaves the
     # workdir as it found it.
@@ -169,7 +170,7 @@ def _train(
 def _restore(
   c: ConfigDict, mngr: ocp.CheckpointManager, run: update.Setup, batches: grain.DatasetIterator
 ) -> tuple[PyTree, str]:
-  """The workdir's latest checkpoint, else checkpoint_restore_dir's, else the initial state.
+  """The workdir's last checkpoint; else checkpoint_restore_dir's, hf_init_dir's weights, step 0.
 
   Also the line that says which checkpoint it is and where from; '' for the initial state.
   """
@@ -177,6 +178,10 @@ def _restore(
   if mngr.latest_step() is not None:
     state = checkpoint.restore(mngr, run.state, run.shardings, batches)
     return state, f'resumed from checkpoint {int(state["step"])} in {mngr.directory} {what}'
+  if c.hf_init_dir:
+    params = jax.device_put(hf.import_params(c, run.state['params']), run.shardings['params'])
+    # The optimizers' initial states hold zeros of the parameters' shapes, not their values.
+    return {**run.state, 'params': params}, f'step 0 parameters: the weights of {c.hf_init_dir}'
   if not c.checkpoint_restore_dir:
     return run.state, ''
   other = checkpoint.manager(os.path.join(c.checkpoint_restore_dir, workdir.CHECKPOINTS))

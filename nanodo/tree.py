@@ -13,6 +13,11 @@ def path_str(path: tuple) -> str:
   return jax.tree_util.keystr(path, simple=True, separator='/').removesuffix('/value')
 
 
+def by_path(tree: PyTree) -> dict[str, Any]:
+  """{'blocks/0/attn/wq_DxHxK': leaf, ...} of a parameter tree."""
+  return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def global_norm(tree: PyTree) -> jax.Array:
   """L2 norm over every array of a pytree, in float32."""
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

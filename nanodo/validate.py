@@ -80,6 +80,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
     steps = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
     valid = 'a nanodo workdir with checkpoints (it has no checkpoints/<step>)'
     yield 'checkpoint_restore_dir', any(s.isdigit() for s in steps), valid
+    yield 'hf_init_dir', not c.hf_init_dir, 'give it or checkpoint_restore_dir, not both'
   for key in _COUNTS:
     yield key, flat[key] > 0, _POSITIVE
   yield 'seed', 0 <= c.seed < 2**32, 'must be in [0, 2**32)'
@@ -98,6 +99,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   valid = f'rope needs an even head dimension, model.D // model.H = {m.D // m.H}'
   yield 'model.positions', m.positions != 'rope' or (m.D // m.H) % 2 == 0, valid
   yield 'model.rope_base', m.rope_base > 0, 'must be > 0'
+  yield 'model.norm_eps', m.norm_eps > 0, 'must be > 0'
   yield 'label_smoothing', 0 <= c.label_smoothing < 1, 'must be in [0, 1)'
   yield 'z_loss', c.z_loss >= 0, 'must be >= 0'
   yield 'peak_tflops', c.peak_tflops >= 0, 'must be >= 0 (0: looked up or measured)'

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from nanodo import checkpoint, sharding, tokenizer
+from nanodo.configs import default
 from nanodo.model import ModelConfig, TransformerDecoder
 from nanodo.progress import log
 from nanodo.tree import PyTree
@@ -121,7 +122,10 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   c = read_config(workdir)
   if c is None:
     raise ValueError(f'workdir={workdir!r} has no {CONFIG}: not a nanodo training directory.')
-  return ml_collections.ConfigDict({**c, 'workdir': workdir})
+  # Keys added since the run was made take their defaults: the behaviour before them.
+  d = default.get_config().to_dict()
+  groups = {k: {**v, **c.get(k, {})} for k, v in d.items() if isinstance(v, dict)}
+  return ml_collections.ConfigDict({**d, **c, **groups, 'workdir': workdir})
 
 
 def cache_dir(c: ml_collections.ConfigDict) -> str:
@@ -130,10 +134,10 @@ def cache_dir(c: ml_collections.ConfigDict) -> str:
 
 
 def tokenizer_path(c: ml_collections.ConfigDict) -> str | None:
-  """vocab_path; else the workdir's (or restore dir's) tokenizer; None when there is none yet."""
+  """vocab_path; else the workdir's (or restore or init dir's) tokenizer; None if none yet."""
   if c.vocab_path:
     return c.vocab_path
-  for d in (c.workdir, c.checkpoint_restore_dir):
+  for d in (c.workdir, c.checkpoint_restore_dir, c.hf_init_dir):
     if d and os.path.exists(os.path.join(d, TOKENIZER)):
       return os.path.join(d, TOKENIZER)
   return None

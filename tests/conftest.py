@@ -1,15 +1,19 @@
 """Shared test helpers: a tiny config, the shipped tokenizer, the command line, finished runs."""
 
+import fcntl
+import functools
 import json
 import os
+import pathlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 import pytest
 
-from nanodo import train
+from nanodo import hf, sources, train
 from nanodo.configs import default
 from nanodo.model import ModelConfig
 from nanodo.token_cache import Tokens
@@ -156,3 +160,57 @@ def reference(tmp_path_factory) -> tuple[str, list[tuple[int, float]]]:
   losses = step_losses(workdir)
   assert [s for s, _ in losses] == list(range(1, NUM_STEPS + 1))
   return workdir, losses
+
+
+@functools.cache
+def _first_play() -> str:
+  return sources.shakespeare()[0][0]
+
+
+# For the Hugging Face tests (test_hf*.py), a run of each family: Llama with shared key/value
+# heads, an untied head, another epsilon and RoPE base; Qwen3 trained in bfloat16 (its float32
+# weights are exported).
+_ROPE = {'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu'}
+HF_RUNS = {
+  'gpt2': {},
+  'llama': {**_ROPE, 'KV': 1, 'tied': False, 'norm_eps': 1e-5, 'rope_base': 500.0},
+  'qwen3': {**_ROPE, 'qk_norm': True, 'dtype': 'bfloat16'},
+}
+
+
+def text_config(path: str, model: dict, **overrides) -> ml_collections.ConfigDict:
+  """tiny_config with these model keys and overrides, on two short texts beside path (fast)."""
+  files, play = {'train_split': f'{path}.train', 'eval_split': f'{path}.eval'}, _first_play()
+  for file, text in zip(files.values(), (play[:100_000], play[100_000:105_000]), strict=True):
+    pathlib.Path(file).write_text(text, encoding='utf-8')
+  c = tiny_config(path, ds_name='text', **files, **overrides)
+  c.model.update(model)
+  return c
+
+
+def once(directory: pathlib.Path, make: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """directory, filled by make unless done before, by this process or another one."""
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist's other workers wait for the first
+    if not (directory / 'done').exists():
+      make(directory)
+      (directory / 'done').touch()
+  return directory
+
+
+@pytest.fixture(scope='session')
+def hf_exports(tmp_path_factory):
+  """family -> (a tiny trained run of it, its export), made once for all pytest-xdist workers."""
+  shared = tmp_path_factory.getbasetemp()
+  shared = shared.parent if os.environ.get('PYTEST_XDIST_WORKER') else shared  # the session's
+
+  def make(directory: pathlib.Path, name: str) -> None:
+    train.train_and_evaluate(text_config(str(directory / 'run'), HF_RUNS[name]))
+    assert hf.export(str(directory / 'run'), str(directory / 'hf')) == name
+
+  def get(name: str) -> tuple[str, str]:
+    directory = once(shared / f'hf_{name}', lambda d: make(d, name))
+    return str(directory / 'run'), str(directory / 'hf')
+
+  return get

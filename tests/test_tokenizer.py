@@ -1,11 +1,13 @@
-"""SentencePiece: lossless round trip, training, bad files."""
+"""SentencePiece: lossless round trip, training, bad files, as a Hugging Face tokenizer."""
 
+import json
 import os
 
 import pytest
+import sentencepiece as spm
 from conftest import VOCAB
 
-from nanodo import tokenizer
+from nanodo import sources, tokenizer
 
 TEXT = '**HAMLET**  \nTo be, or not to be: that is the question:  \n\n_Exit_ 1601 — ½ ünïcödé 🎭\n'
 
@@ -42,3 +44,23 @@ def test_a_vocabulary_too_large_for_the_corpus_is_a_clear_error(tmp_path):
       ['the quick brown fox jumps over the lazy dog\n'] * 20, 5000, str(tmp_path / 'sp.model')
     )
   assert not os.listdir(tmp_path)
+
+
+def test_a_tokenizer_with_a_dummy_prefix_converts_too_not_a_unigram_one(tmp_path):
+  """Llama's kind: a '▁' before the text. (test_hf checks nanodo's own on the held-out plays.)"""
+  transformers = pytest.importorskip('transformers', reason='needs transformers (the test extra)')
+  kwargs = dict(vocab_size=400, byte_fallback=True, add_dummy_prefix=True, minloglevel=2)
+  kwargs |= dict(normalization_rule_name='identity', remove_extra_whitespaces=False)
+  held_out = sources.shakespeare()[1]
+  for kind in ('bpe', 'unigram'):
+    kwargs |= dict(model_type=kind, model_prefix=str(tmp_path / kind))
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(held_out[1].splitlines()), **kwargs)
+  with pytest.raises(ValueError, match='it is not a plain BPE'):
+    tokenizer.hf_tokenizer(str(tmp_path / 'unigram.model'))
+  bpe = str(tmp_path / 'bpe.model')
+  (tmp_path / 'tokenizer.json').write_text(json.dumps(tokenizer.hf_tokenizer(bpe)))
+  sp = spm.SentencePieceProcessor(model_file=bpe)
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / 'tokenizer.json'))
+  for text in [held_out[2], '  two spaces first', TEXT, '']:
+    assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
+    assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))

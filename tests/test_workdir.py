@@ -60,3 +60,14 @@ def test_an_unreadable_config_is_an_error_not_a_fresh_start(tmp_path):
     f.write('{"model": {"D": 3')
   with pytest.raises(ValueError, match='config.json is unreadable'):
     workdir.read_config(str(tmp_path))
+
+
+def test_a_run_made_before_a_key_existed_reads_with_its_default(tmp_path):
+  c = tiny_config(str(tmp_path))
+  workdir.write_config(c)
+  with open(tmp_path / workdir.CONFIG, encoding='utf-8') as f:
+    older = json.load(f)
+  del older['model']['norm_eps'], older['hf_init_dir']
+  with open(tmp_path / workdir.CONFIG, 'w', encoding='utf-8') as f:
+    json.dump(older, f)
+  assert workdir.run_config(str(tmp_path)) == c

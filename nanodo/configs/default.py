@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.positions = 'learned'  # 'learned' | 'rope' | 'none'
   c.model.rope_base = 10_000.0
   c.model.norm = 'layernorm'  # 'layernorm' (no bias) | 'rmsnorm'
+  c.model.norm_eps = 1e-6  # added to the variance (mean square) in every norm
   c.model.mlp = 'gelu'  # 'gelu' | 'swiglu'
   c.model.qk_norm = False  # normalise queries and keys per head
   c.model.KV = 0  # key/value heads, dividing H (1: multi-query); 0: H (multi-head)
@@ -126,4 +127,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_to_keep = 3
   # Restore the latest checkpoint of this directory when the workdir has none.
   c.checkpoint_restore_dir = ''
+  # A local Hugging Face model directory (GPT-2, Llama or Qwen3, safetensors weights) whose weights
+  # are the step-0 parameters, when the workdir has no checkpoint; its config.json gives the model
+  # keys, its tokenizer.model the tokenizer (README, "Using a trained model elsewhere").
+  c.hf_init_dir = ''
   return c

@@ -1,0 +1,132 @@
+"""Hugging Face export: transformers computes what nanodo does, on its ids; refusals."""
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+torch = pytest.importorskip('torch', reason='needs torch (the test extra) to run transformers')
+transformers = pytest.importorskip('transformers', reason='needs transformers (the test extra)')
+safetensors_numpy = pytest.importorskip('safetensors.numpy', reason='needs safetensors')
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from conftest import HF_RUNS, MAIN, tiny_config  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from nanodo import hf, hf_families, sample, sources, tree, workdir  # noqa: E402
+from nanodo.model import TransformerDecoder  # noqa: E402
+
+HELD_OUT = sources.shakespeare()[1]
+
+
+@pytest.mark.parametrize('name', HF_RUNS)
+def test_transformers_gives_nanodos_logits_and_greedy_tokens(hf_exports, name):
+  path, out = hf_exports(name)
+  run, model = workdir.load(path), transformers.AutoModelForCausalLM.from_pretrained(out)
+  assert type(model).__name__ == hf_families.FAMILIES[name][1] and model.dtype == torch.float32
+  cfg = dataclasses.replace(run.cfg, dtype='float32')  # a bfloat16 run's weights are float32
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0))))
+  ids = [run.sp.bos_id(), *run.sp.encode(HELD_OUT[0][:5000])]
+  x_BxL = np.array(ids[: 4 * run.cfg.L]).reshape(4, run.cfg.L)
+  with torch.no_grad():
+    logits_BxLxV = model(torch.tensor(x_BxL)).logits.numpy()
+  diff = np.abs(logits_BxLxV - nnx.merge(graphdef, run.params)(jnp.asarray(x_BxL))).max()
+  print(f'{name}: max |logits difference| {diff:.2e}')
+  assert diff < 1e-4
+  prompt = [ids[100:108]]
+  kwargs = dict(max_new_tokens=20, sampling=sample.Sampling(temperature=0), eos_id=run.sp.eos_id())
+  inputs = (*sample.pad_prompts(prompt, run.cfg.L, 20), sample.row_keys(0, 1))
+  greedy = sample.generate(graphdef, run.params, *inputs, **kwargs)[0].tolist()
+  theirs = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False)[0, 8:].tolist()
+  assert greedy[: len(theirs)] == theirs and (len(theirs) == 20 or theirs[-1] == run.sp.eos_id())
+
+
+def test_the_tokenizer_gives_nanodos_ids_on_any_text(hf_exports):
+  path, out = hf_exports('gpt2')
+  sp, tok = workdir.load(path).sp, transformers.AutoTokenizer.from_pretrained(out)
+  odd = '<s>not special</s>  ▁\t12345 日本語 \U0001f600 \x00\n'  # spaces, digits, bytes
+  for text in [*HELD_OUT, odd, '', ' ']:
+    assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
+    assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+  assert tok('ROMEO:').input_ids == [sp.bos_id(), *sp.encode('ROMEO:')]  # BOS, as in a prompt
+
+
+@pytest.mark.parametrize('name', HF_RUNS)
+def test_export_import_export_round_trips_bit_for_bit(hf_exports, name, tmp_path):
+  path, out = hf_exports(name)
+  run = workdir.load(path)
+  c = hf.import_config(tiny_config(str(tmp_path / 'run'), vocab_path='', hf_init_dir=out))
+  kept = 'D H L N F KV tied rope_base norm_eps positions norm mlp qk_norm'.split()
+  assert {k: c.model[k] for k in kept} == {k: run.config.model[k] for k in kept}
+  params = hf.import_params(c, run.params)
+  same = lambda a, b: a.dtype == b.dtype and np.array_equal(a, b)
+  assert all(map(same, *(tree.by_path(p).values() for p in (params, run.params))))
+  tensors = safetensors_numpy.load_file(os.path.join(out, 'model.safetensors'))
+  again = hf_families.to_hf(run.cfg, name, tree.by_path(params))
+  assert set(again) == set(tensors) and all(same(np.asarray(again[k]), tensors[k]) for k in again)
+
+
+@pytest.mark.parametrize(
+  'model, error',
+  [
+    ({'positions': 'rope'}, r"model.positions='rope' \(with norm='layernorm', mlp='gelu'"),
+    ({'mlp': 'swiglu', 'norm': 'rmsnorm'}, r"model.positions='learned' \(with norm='rmsnorm'"),
+    ({'qk_norm': True}, r'model.qk_norm=True .* no Hugging Face counterpart'),
+    ({'positions': 'none'}, r"model.positions='none'"),
+    ({'KV': 1}, 'model.KV=1 with learned positions has no counterpart'),
+    ({'experts': 8}, r'model.experts=8 is unknown to export'),  # an option added later
+  ],
+)
+def test_export_refuses_an_option_without_a_counterpart_writing_nothing(tmp_path, model, error):
+  c = tiny_config(str(tmp_path / 'run'))
+  c.model.update(model)
+  os.makedirs(c.workdir)
+  workdir.write_config(c)  # a run's config is all export reads before it refuses
+  with pytest.raises(ValueError, match=error):
+    hf.export(c.workdir, str(tmp_path / 'hf'))
+  assert sorted(os.listdir(tmp_path)) == ['run']
+
+
+def test_nanodo_export_of_a_sharded_run_on_the_command_line(hf_exports, tmp_path):
+  """Two devices: the parameters are gathered from both shards. About 15 s: two processes."""
+  path, out = hf_exports('llama')
+  (tmp_path / 'no_torch').mkdir()  # export needs neither torch nor transformers
+  for module in ('torch', 'transformers'):
+    (tmp_path / 'no_torch' / f'{module}.py').write_text(f'raise ImportError("{module}")')
+  path_env = os.pathsep.join([str(tmp_path / 'no_torch'), os.environ.get('PYTHONPATH', '')])
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+    'PYTHONPATH': path_env,
+  }
+  cli = functools.partial(subprocess.run, capture_output=True, text=True, env=env)
+  command = [sys.executable, MAIN, 'export', f'--workdir={path}']
+  os.makedirs(tmp_path / 'full')
+  (tmp_path / 'full' / 'keep.txt').write_text('mine')
+  bad = cli([*command, f'--out={tmp_path / "full"}'])
+  assert bad.returncode != 0 and os.listdir(tmp_path / 'full') == ['keep.txt']
+  assert bad.stderr.strip().splitlines() == [
+    f"error: out='{tmp_path / 'full'}' exists and is not empty; give a new or empty directory."
+  ]
+  os.makedirs(tmp_path / 'empty')
+  good = cli([*command, f'--out={tmp_path / "empty"}'])
+  assert good.returncode == 0, good.stderr[-2000:]
+  assert 'a llama model' in good.stdout
+  assert sorted(os.listdir(tmp_path)) == ['empty', 'full', 'no_torch']  # no temporary dir left
+  for file in os.listdir(out):
+    with open(os.path.join(out, file), 'rb') as a, open(tmp_path / 'empty' / file, 'rb') as b:
+      assert a.read() == b.read(), file
+
+
+def test_an_export_that_fails_midway_leaves_out_as_it_was(hf_exports, tmp_path, monkeypatch):
+  disk_full = mock.Mock(side_effect=OSError('No space left on device'))
+  monkeypatch.setattr(safetensors_numpy, 'save_file', disk_full)
+  os.makedirs(tmp_path / 'out')
+  with pytest.raises(OSError, match='No space left'):
+    hf.export(hf_exports('gpt2')[0], str(tmp_path / 'out'))
+  assert os.listdir(tmp_path) == ['out'] and os.listdir(tmp_path / 'out') == []

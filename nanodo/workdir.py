@@ -119,13 +119,13 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of a trained run, its workdir set to where it is now."""
   if not os.path.isdir(workdir):
     raise ValueError(f'workdir={workdir!r} does not exist.')
-  c = read_config(workdir)
-  if c is None:
+  saved = read_config(workdir)
+  if saved is None:
     raise ValueError(f'workdir={workdir!r} has no {CONFIG}: not a nanodo training directory.')
   # Keys added since the run was made take their defaults: the behaviour before them.
   d = default.get_config().to_dict()
-  groups = {k: {**v, **c.get(k, {})} for k, v in d.items() if isinstance(v, dict)}
-  return ml_collections.ConfigDict({**d, **c, **groups, 'workdir': workdir})
+  groups = {k: {**v, **saved.get(k, {})} for k, v in d.items() if isinstance(v, dict)}
+  return ml_collections.ConfigDict({**d, **saved, **groups, 'workdir': workdir})
 
 
 def cache_dir(c: ml_collections.ConfigDict) -> str:

@@ -7,19 +7,19 @@ import subprocess
 import sys
 from unittest import mock
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from conftest import HF_RUNS, MAIN, tiny_config
+from flax import nnx
+
+from nanodo import hf, hf_families, sample, sources, tree, workdir
+from nanodo.model import TransformerDecoder
 
 torch = pytest.importorskip('torch', reason='needs torch (the test extra) to run transformers')
 transformers = pytest.importorskip('transformers', reason='needs transformers (the test extra)')
 safetensors_numpy = pytest.importorskip('safetensors.numpy', reason='needs safetensors')
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from conftest import HF_RUNS, MAIN, tiny_config  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from nanodo import hf, hf_families, sample, sources, tree, workdir  # noqa: E402
-from nanodo.model import TransformerDecoder  # noqa: E402
 
 HELD_OUT = sources.shakespeare()[1]
 

@@ -5,17 +5,16 @@ import os
 import pathlib
 import shutil
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from conftest import HF_RUNS, metric_rows, text_config, tiny_config
+
+from nanodo import hf, train, tree, validate, workdir
 
 torch = pytest.importorskip('torch', reason='needs torch (the test extra) to run transformers')
 safetensors_numpy = pytest.importorskip('safetensors.numpy', reason='needs safetensors')
 safetensors_torch = pytest.importorskip('safetensors.torch', reason='needs safetensors')
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from conftest import HF_RUNS, metric_rows, text_config, tiny_config  # noqa: E402
-
-from nanodo import hf, train, tree, validate, workdir  # noqa: E402
 
 
 def test_an_import_reads_bfloat16_weights_in_shards(hf_exports, tmp_path):

@@ -1,6 +1,7 @@
 """The training loop: data, state, checkpoints, evaluation, a graceful stop on signals."""
 
 import contextlib
+import copy
 import dataclasses
 import os
 import signal
@@ -11,7 +12,18 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from nanodo import checkpoint, data, hf, metrics, sharding, sources, update, validate, workdir
+from nanodo import (
+  budget,
+  checkpoint,
+  data,
+  hf,
+  metrics,
+  sharding,
+  sources,
+  update,
+  validate,
+  workdir,
+)
 from nanodo.evaluate import evaluate
 from nanodo.model import ModelConfig
 from nanodo.progress import Progress, log
@@ -112,6 +124,8 @@ def _train(
   run = update.setup(cfg, c, batch_sharding.mesh)
   state, restored = _restore(c, mngr, run, batches)
   step = int(state['step'])
+  if c.train_minutes:
+    c, run = _budget(c, inputs, run, state)
   if jax.process_index() == 0:
     workdir.write_config(c)
     # Rows of steps after the restored one come from a run killed before its next checkpoint.
@@ -165,6 +179,40 @@ def _train(
   finally:
     progress.close()
     logger.close()
+
+
+def _budget(
+  c: ConfigDict, inputs: Inputs, run: update.Setup, state: PyTree
+) -> tuple[ConfigDict, update.Setup]:
+  """c and its train step with the step count train_minutes buys: kept in the workdir, or timed.
+
+  Timing runs the steps on a copy of state and a peek at the next batch: the run starts after.
+  """
+  decision, kept = budget.read(c.workdir), os.path.join(c.workdir, workdir.BUDGET)
+  if decision is None:
+    position = inputs.batches.get_state()
+    batch = next(inputs.batches)
+    inputs.batches.set_state(position)
+    batches = inputs.eval_data.batches
+    eval_batch = data.global_batch(batches[0], inputs.batch_sharding)
+    decision = budget.decide(
+      c.train_minutes,
+      c.eval_every_steps,
+      run.train_step,
+      state,
+      batch,
+      run.eval_step,
+      eval_batch,
+      len(batches),
+    )
+    if jax.process_index() == 0:
+      budget.write(c.workdir, decision)
+    kept = ''
+  log(budget.describe(decision, kept))
+  c = copy.deepcopy(c)
+  c.opt.num_train_steps = decision.num_train_steps
+  train_step = update.jit_train_step(run.graphdef, run.shardings, c, inputs.batch_sharding.mesh)
+  return c, run._replace(train_step=train_step)
 
 
 def _restore(

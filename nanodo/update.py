@@ -145,10 +145,19 @@ def setup(cfg: ModelConfig, c: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(c.seed))))
   shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
   state = jax.jit(init, out_shardings=shardings)()
-  schedule, opts = optimizer.get_schedule(c.opt), StepConfig.of(c)
-  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, opts=opts)
+  train = jit_train_step(graphdef, shardings, c, mesh)
+  return Setup(graphdef, state, shardings, train, jit_eval_step(graphdef, StepConfig.of(c)))
+
+
+def jit_train_step(
+  graphdef: nnx.GraphDef, shardings: PyTree, c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> Callable[[PyTree, Batch], tuple[PyTree, Metrics]]:
+  """train_step jitted with the state's shardings, its buffers donated; metrics replicated."""
+  tx, schedule = optimizer.get_optimizer(c.opt), optimizer.get_schedule(c.opt)
+  step = functools.partial(
+    train_step, graphdef=graphdef, tx=tx, schedule=schedule, opts=StepConfig.of(c)
+  )
   batch, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
-  train = jax.jit(
+  return jax.jit(
     step, in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0
   )
-  return Setup(graphdef, state, shardings, train, jit_eval_step(graphdef, opts))

@@ -17,7 +17,7 @@ _COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.remat_policy', 'model.atte
 # Besides the model's shape: the keys that fix the tokens and the order of the data.
 _PINNED = (
   'ds_name train_split text_field text_documents bad_utf8 packing vocab_path vocab_size seed '
-  'batch_size opt.optimizer'
+  'batch_size opt.optimizer train_minutes'
 ).split()
 _COUNTS = (
   'batch_size eval_batch_size vocab_size log_every_steps eval_every_steps checkpoint_every_steps '
@@ -138,6 +138,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   yield 'opt.optimizer', *_one_of(o.optimizer, optimizer.OPTIMIZERS)
   yield 'opt.decay_type', *_one_of(o.decay_type, optimizer.SCHEDULES)
   yield 'opt.num_train_steps', o.num_train_steps > 0, _POSITIVE
+  yield 'train_minutes', c.train_minutes >= 0, 'must be >= 0 minutes (0: no time budget)'
   yield 'opt.warmup_steps', o.warmup_steps >= 0, 'must be a non-negative integer'
   yield 'opt.peak_learning_rate', o.peak_learning_rate > 0, 'must be > 0'
   for key in 'init_learning_rate final_learning_rate weight_decay eps clip_by_global_norm'.split():

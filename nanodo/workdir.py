@@ -25,6 +25,7 @@ from nanodo.tree import PyTree
 CHECKPOINTS, CONFIG, LOCK = 'checkpoints', 'config.json', 'lock'
 METRICS, HPARAMS, WANDB_ID = 'metrics.jsonl', 'hparams.jsonl', 'wandb_run_id'
 TOKENIZER, TOKEN_CACHE, COMPILE_CACHE = 'tokenizer.model', 'token_cache', 'compile_cache'
+BUDGET = 'budget.json'  # train_minutes' step count (nanodo/budget.py)
 
 
 @contextlib.contextmanager

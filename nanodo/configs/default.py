@@ -68,6 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
   # nanodo/cross_entropy.py.
   c.cross_entropy_block_size = 512
 
+  # A wall-clock budget in minutes from launch (0: none). The run times its first steps, then
+  # trains the steps that end, with its evaluations, within it: opt.num_train_steps is replaced by
+  # that count, which workdir/budget.json keeps for a resumed run (README, "A time budget").
+  c.train_minutes = 0.0
+
   c.opt = ml_collections.ConfigDict()
   c.opt.optimizer = 'adamw'  # 'adamw' | 'lion' | 'adafactor' | 'muon' (+ AdamW off matrices)
   c.opt.num_train_steps = 1100

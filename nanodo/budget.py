@@ -1,0 +1,132 @@
+"""train_minutes: the steps a wall-clock budget buys, decided once and kept in the workdir.
+
+The run times its step (after the one that compiles) and an evaluation batch on copies of its
+state, then fixes the step count so that training, its evaluations and the final one end within
+the budget counted from the process's launch. The schedule is laid over that count, and a
+resumed run reads it back from workdir/budget.json: the same steps, the same learning rates.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from nanodo import workdir
+from nanodo.tree import PyTree
+
+# Steps timed after the compiling one; the budget's share kept for saves, logs and jitter.
+TIMED_STEPS, SAFETY = 10, 0.02
+clock = time.time  # replaced by tests
+_IMPORTED = time.time()
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """How many steps train_minutes buys, and the timings it was worked out from (seconds)."""
+
+  train_minutes: float
+  num_train_steps: int
+  step_seconds: float
+  eval_seconds: float  # one full evaluation
+  start_seconds: float  # launch to the first step of the decided count, its compile included
+
+
+def launched() -> float:
+  """The wall-clock time this process started (from /proc on Linux; else when nanodo loaded)."""
+  try:
+    with open('/proc/self/stat', encoding='ascii') as f:
+      ticks = int(f.read().rsplit(')', 1)[1].split()[19])  # field 22, starttime
+    with open('/proc/uptime', encoding='ascii') as f:
+      uptime = float(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return _IMPORTED
+  return time.time() - uptime + ticks / os.sysconf('SC_CLK_TCK')
+
+
+def steps_within(
+  budget: float, start: float, step: float, evaluation: float, eval_every: int
+) -> int:
+  """The most steps n with start + n·step + ceil(n / eval_every)·evaluation ≤ budget."""
+  cost = lambda n: start + n * step + math.ceil(n / eval_every) * evaluation
+  n = max(math.floor((budget - start) / step), 0)
+  while n > 0 and cost(n) > budget:
+    n -= 1
+  return n
+
+
+def decide(
+  train_minutes: float,
+  eval_every: int,
+  train_step: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
+  state: PyTree,
+  batch: PyTree,
+  eval_step: Callable[[PyTree, PyTree], PyTree],
+  eval_batch: PyTree,
+  num_eval_batches: int,
+) -> Decision:
+  """The step count that ends within the budget, timed on a copy of state (which steps donate).
+
+  Process 0's timings decide for every process of the run. ValueError if the budget cannot fit
+  one step and the final evaluation.
+  """
+  probe = jax.tree.map(lambda a: a.copy(), state)
+  t0 = clock()
+  probe, _ = train_step(probe, batch)
+  jax.block_until_ready(probe)
+  t1 = clock()
+  for _ in range(TIMED_STEPS):
+    probe, _ = train_step(probe, batch)
+  jax.block_until_ready(probe)
+  t2 = clock()
+  jax.block_until_ready(eval_step(state['params'], eval_batch))  # compiles
+  t3 = clock()
+  jax.block_until_ready(eval_step(state['params'], eval_batch))
+  compile_seconds, step_seconds = t1 - t0, (t2 - t1) / TIMED_STEPS
+  eval_seconds = (clock() - t3) * num_eval_batches
+  # The decided count's train step compiles again before it starts.
+  start_seconds = clock() - launched() + compile_seconds
+  timings = np.array([step_seconds, eval_seconds, start_seconds])
+  if jax.process_count() > 1:
+    timings = multihost_utils.broadcast_one_to_all(timings)
+  step_seconds, eval_seconds, start_seconds = (float(t) for t in timings)
+  budget = train_minutes * 60 * (1 - SAFETY)
+  n = steps_within(budget, start_seconds, step_seconds, eval_seconds, eval_every)
+  if n < 1:
+    least = (start_seconds + step_seconds + eval_seconds) / 60 / (1 - SAFETY)
+    raise ValueError(
+      f'train_minutes={train_minutes} is not valid: it cannot fit one step. Starting took '
+      f'{start_seconds:.1f} s, a step takes {step_seconds:.3f} s and an evaluation '
+      f'{eval_seconds:.1f} s; give at least {math.ceil(least * 100) / 100}.'
+    )
+  done = int(state['step'])
+  return Decision(train_minutes, done + n, step_seconds, eval_seconds, start_seconds)
+
+
+def read(path: str) -> Decision | None:
+  """The decision kept in the workdir at path; None if there is none."""
+  file = os.path.join(path, workdir.BUDGET)
+  if not os.path.exists(file):
+    return None
+  with open(file, encoding='utf-8') as f:
+    return Decision(**json.load(f))
+
+
+def write(path: str, decision: Decision) -> None:
+  """Keeps decision in the workdir at path, atomically."""
+  file = os.path.join(path, workdir.BUDGET)
+  with open(file + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(dataclasses.asdict(decision), f, indent=2)
+  os.replace(file + '.tmp', file)
+
+
+def describe(d: Decision, pinned: str = '') -> str:
+  """'budget 10 min: 1,640 steps at 0.33 s/step' and where the count was fixed."""
+  minutes = f'{d.train_minutes:g}'
+  line = f'budget {minutes} min: {d.num_train_steps:,} steps at {d.step_seconds:.3g} s/step'
+  return line + (f' (kept in {pinned})' if pinned else '')

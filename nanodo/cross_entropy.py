@@ -25,6 +25,12 @@ class Options(NamedTuple):
   z_loss: float
   squares: bool  # also the squared loss, for a standard error
   block_size: int  # tokens whose logits exist at once
+  softcap: float = 0.0  # logits as softcap·tanh(h·out / softcap); 0: h·out
+
+
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+  """cap·tanh(logits / cap): logits bounded in (-cap, cap); unchanged when cap is 0."""
+  return cap * jnp.tanh(logits / cap) if cap else logits
 
 
 def losses(
@@ -35,7 +41,7 @@ def losses(
   'loss' is always the plain next-token cross-entropy; label smoothing, the z-loss (on the
   log-normalizer) and the squared loss are parts of their own when on.
   """
-  label_smoothing, z_loss, squares, _ = opts
+  label_smoothing, z_loss, squares = opts.label_smoothing, opts.z_loss, opts.squares
   total = lambda v_T: jnp.sum(v_T * weights_T)
   nll_T = logz_T - jnp.take_along_axis(logits_TxV, y_T[:, None], -1)[:, 0]
   parts = {'loss': total(nll_T)}
@@ -56,12 +62,14 @@ def losses(
 def grad_logits(
   logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, opts: Options
 ) -> jax.Array:
-  """The gradient of losses' objective with respect to the logits, written out."""
+  """The gradient of losses' objective with respect to h·out (the logits before any cap)."""
   s, z_loss, V = opts.label_smoothing, opts.z_loss, logits_TxV.shape[-1]
   logz_Tx1 = logz_T[:, None]
   softmax_TxV = jnp.exp(logits_TxV - logz_Tx1)
   target_TxV = (1 - s) * jax.nn.one_hot(y_T, V, dtype=logits_TxV.dtype) + s / V
-  return ((1 + 2 * z_loss * logz_Tx1) * softmax_TxV - target_TxV) * weights_T[:, None]
+  g_TxV = ((1 + 2 * z_loss * logz_Tx1) * softmax_TxV - target_TxV) * weights_T[:, None]
+  # d(c·tanh(x / c))/dx = 1 - tanh², with tanh = logits / c.
+  return g_TxV * (1 - jnp.square(logits_TxV / opts.softcap)) if opts.softcap else g_TxV
 
 
 def _blocks(v_BxLx: jax.Array, block_size: int) -> jax.Array:
@@ -73,10 +81,12 @@ def _blocks(v_BxLx: jax.Array, block_size: int) -> jax.Array:
   return v_BxLx.reshape(B, L // Lb, Lb, *v_BxLx.shape[2:]).swapaxes(0, 1)
 
 
-def _block_logits(out_VxD: jax.Array, h_BxLbxD: jax.Array, y_BxLb: jax.Array, w_BxLb: jax.Array):
+def _block_logits(
+  out_VxD: jax.Array, h_BxLbxD: jax.Array, y_BxLb: jax.Array, w_BxLb: jax.Array, cap: float
+):
   """A block's h in float32 and the arguments of losses (float32 logits: for the precision)."""
   h_TxD = h_BxLbxD.reshape(-1, h_BxLbxD.shape[-1]).astype(jnp.float32)
-  logits_TxV = jnp.einsum('TD,VD->TV', h_TxD, out_VxD)
+  logits_TxV = softcap(jnp.einsum('TD,VD->TV', h_TxD, out_VxD), cap)
   return h_TxD, (logits_TxV, jax.nn.logsumexp(logits_TxV, axis=-1), y_BxLb.ravel(), w_BxLb.ravel())
 
 
@@ -90,7 +100,7 @@ def blockwise(
   """
 
   def block(_, xs: tuple) -> tuple[None, tuple]:
-    return None, losses(*_block_logits(out_VxD, *xs)[1], opts)
+    return None, losses(*_block_logits(out_VxD, *xs, opts.softcap)[1], opts)
 
   xs = tuple(_blocks(v, opts.block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
   return jax.tree.map(jnp.sum, jax.lax.scan(block, None, xs)[1])
@@ -102,7 +112,7 @@ def _forward(
   """blockwise's value, and its gradients in h and out, computed together block by block."""
 
   def block(d_out_VxD: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-    h_TxD, args = _block_logits(out_VxD, *xs)
+    h_TxD, args = _block_logits(out_VxD, *xs, opts.softcap)
     g_TxV = grad_logits(*args, opts)
     d_h_BxLbxD = jnp.einsum('TV,VD->TD', g_TxV, out_VxD).reshape(xs[0].shape)
     return d_out_VxD + jnp.einsum('TV,TD->VD', g_TxV, h_TxD), (losses(*args, opts), d_h_BxLbxD)

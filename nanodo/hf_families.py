@@ -16,7 +16,9 @@ FAMILIES = {
 }
 _OPTIONS = ('positions', 'norm', 'mlp', 'qk_norm')
 # Model keys every family takes: sizes, and how nanodo computes rather than what.
-_SHARED = 'V D H L N F KV tied rope_base norm_eps dtype remat remat_policy attention'.split()
+_SHARED = (
+  'V D H L N F KV tied rope_base norm_eps dtype remat remat_policy attention zero_init'.split()
+)
 _SUPPORTED = (
   'learned + layernorm + gelu (GPT-2), rope + rmsnorm + swiglu (Llama), with qk_norm (Qwen3)'
 )
@@ -37,7 +39,7 @@ _FIXED = {
 def family(model: dict) -> str:
   """The family of a run's model keys; ValueError naming an option that none of them has."""
   for key, value in model.items():
-    if key not in (*_SHARED, *_OPTIONS):
+    if key not in (*_SHARED, *_OPTIONS) and not (key == 'logit_softcap' and not value):
       raise ValueError(f'model.{key}={value!r} is unknown to export, which supports {_SUPPORTED}.')
   options = tuple(model[k] for k in _OPTIONS)
   differ = lambda f: [

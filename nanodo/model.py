@@ -13,11 +13,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from nanodo.cross_entropy import softcap
 from nanodo.sharding import BATCH, FSDP
 
 POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
-MLPS = ('gelu', 'swiglu')
+MLPS = ('gelu', 'swiglu', 'relu2')
 ATTENTIONS = ('einsum', 'dot_product_attention')
 # What a remat'ed block keeps for the backward pass (jax.checkpoint_policies).
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
@@ -48,6 +49,8 @@ class ModelConfig:
   qk_norm: bool
   tied: bool
   attention: str
+  zero_init: bool  # output projections of attention and MLP start at zero
+  logit_softcap: float  # logits as c·tanh(logits / c); 0: none
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], spec: tuple) -> nnx.Param:
@@ -112,7 +115,8 @@ class Attention(nnx.Module):
     D, H, G, K, std = cfg.D, cfg.H, cfg.KV or cfg.H, cfg.D // cfg.H, cfg.D**-0.5
     self.wq_DxHxK = _param(rngs, std, (D, H, K), (FSDP, None, None))
     self.wkv_2xDxGxK = _param(rngs, std, (2, D, G, K), (None, FSDP, None, None))
-    self.wo_HxKxD = _param(rngs, std / (2 * cfg.N) ** 0.5, (H, K, D), (None, None, FSDP))
+    out_std = 0.0 if cfg.zero_init else std / (2 * cfg.N) ** 0.5
+    self.wo_HxKxD = _param(rngs, out_std, (H, K, D), (None, None, FSDP))
     if cfg.qk_norm:
       self.q_norm, self.k_norm = _norm(cfg, K, rngs), _norm(cfg, K, rngs)
 
@@ -142,7 +146,7 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """Position-wise feed-forward: GELU, or SwiGLU (a SiLU gate times a linear unit)."""
+  """Position-wise feed-forward: GELU, ReLU² or SwiGLU (a SiLU gate times a linear unit)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -151,12 +155,15 @@ class Mlp(nnx.Module):
       self.wi_2xDxF = _param(rngs, D**-0.5, (2, D, F), (None, FSDP, None))
     else:
       self.wi_DxF = _param(rngs, D**-0.5, (D, F), (FSDP, None))
-    self.wo_FxD = _param(rngs, F**-0.5 / (2 * cfg.N) ** 0.5, (F, D), (FSDP, None))
+    out_std = 0.0 if cfg.zero_init else F**-0.5 / (2 * cfg.N) ** 0.5
+    self.wo_FxD = _param(rngs, out_std, (F, D), (FSDP, None))
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     if self.cfg.mlp == 'swiglu':
       gate_BxLxF, up_BxLxF = einsum_BL('BLD,SDF->SBLF', x_BxLxD, self.wi_2xDxF)
       h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+    elif self.cfg.mlp == 'relu2':
+      h_BxLxF = jnp.square(jax.nn.relu(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF)))
     else:
       h_BxLxF = jax.nn.gelu(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF))
     return einsum_BL('BLF,FD->BLD', h_BxLxF, self.wo_FxD)
@@ -237,7 +244,8 @@ class TransformerDecoder(nnx.Module):
 
   def project(self, h_BxLxD: jax.Array) -> jax.Array:
     """Logits of the hidden states, in float32: the loss needs the precision."""
-    return einsum_BL('BLD,VD->BLV', h_BxLxD.astype(jnp.float32), self.out_VxD())
+    logits_BxLxV = einsum_BL('BLD,VD->BLV', h_BxLxD.astype(jnp.float32), self.out_VxD())
+    return softcap(logits_BxLxV, self.cfg.logit_softcap)
 
   def _embed(self, x_BxL: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     x_BxLxD = self.embed_VxD[...][x_BxL]

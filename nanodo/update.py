@@ -25,13 +25,15 @@ Metrics = dict[str, jax.Array]
 class StepConfig:
   """How a step computes its loss and gradient, from the run config's keys of the same names."""
 
-  loss: cross_entropy.Options  # label_smoothing, z_loss, cross_entropy_block_size
+  loss: cross_entropy.Options  # label_smoothing, z_loss, cross_entropy_block_size, softcap
   grad_accumulation_steps: int
   log_internal_metrics: bool  # per-layer statistics
 
   @classmethod
   def of(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
-    loss = cross_entropy.Options(c.label_smoothing, c.z_loss, False, c.cross_entropy_block_size)
+    loss = cross_entropy.Options(
+      c.label_smoothing, c.z_loss, False, c.cross_entropy_block_size, c.model.logit_softcap
+    )
     return cls(loss, c.grad_accumulation_steps, c.log_internal_metrics)
 
 

@@ -100,6 +100,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   yield 'model.positions', m.positions != 'rope' or (m.D // m.H) % 2 == 0, valid
   yield 'model.rope_base', m.rope_base > 0, 'must be > 0'
   yield 'model.norm_eps', m.norm_eps > 0, 'must be > 0'
+  yield 'model.logit_softcap', m.logit_softcap >= 0, 'must be >= 0 (0: uncapped)'
   yield 'label_smoothing', 0 <= c.label_smoothing < 1, 'must be in [0, 1)'
   yield 'z_loss', c.z_loss >= 0, 'must be >= 0'
   yield 'peak_tflops', c.peak_tflops >= 0, 'must be >= 0 (0: looked up or measured)'

@@ -20,26 +20,31 @@ def _inputs(dtype=jnp.float32):
   return h_BxLxD, out_VxD, y_BxL, weights_BxL
 
 
-def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z):
+def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z, cap=0.0):
   """cross_entropy.losses of every logit at once, differentiated by autodiff."""
   logits_TxV = jnp.einsum('BLD,VD->BLV', h_BxLxD.astype(jnp.float32), out_VxD).reshape(-1, V)
+  if cap:
+    logits_TxV = cap * jnp.tanh(logits_TxV / cap)
   return cross_entropy.losses(
     logits_TxV,
     jax.nn.logsumexp(logits_TxV, axis=-1),
     y_BxL.reshape(-1),
     weights_BxL.reshape(-1),
-    Opts(s, z, True, 1),
+    Opts(s, z, True, 1, cap),
   )
 
 
 @pytest.mark.parametrize('block_size', [1, 16, 20, 48, 1000])
-@pytest.mark.parametrize('s,z', [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-3)])
-def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z):
+@pytest.mark.parametrize(
+  's,z,cap',
+  [(0.0, 0.0, 0.0), (0.1, 0.0, 0.0), (0.0, 1e-2, 0.0), (0.2, 1e-3, 0.0), (0.1, 1e-3, 2.0)],
+)
+def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z, cap):
   h, out, y, weights = _inputs()
   blockwise = lambda h, out: cross_entropy.blockwise(
-    h, out, y, weights, Opts(s, z, True, block_size)
+    h, out, y, weights, Opts(s, z, True, block_size, cap)
   )
-  whole = lambda h, out: _all_logits(h, out, y, weights, s, z)
+  whole = lambda h, out: _all_logits(h, out, y, weights, s, z, cap)
   (objective, parts), grads = jax.value_and_grad(blockwise, (0, 1), has_aux=True)(h, out)
   (expected, expected_parts), expected_grads = jax.value_and_grad(whole, (0, 1), has_aux=True)(
     h, out

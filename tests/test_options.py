@@ -20,6 +20,9 @@ OPTIONS = [
   {'model.positions': 'none'},
   {'model.norm': 'rmsnorm'},
   {'model.mlp': 'swiglu'},
+  {'model.mlp': 'relu2'},
+  {'model.zero_init': True},
+  {'model.logit_softcap': 15.0},
   {'model.qk_norm': True},
   {'model.KV': 1},
   {'model.tied': False},
@@ -91,6 +94,17 @@ def test_causality_holds_for_every_option_combination(positions, norm, mlp):
       attention=attention,
     )
     assert _causal(cfg), cfg
+
+
+def test_softcap_bounds_the_logits_and_zero_init_starts_the_blocks_as_identities():
+  x_BxL = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+  logits_BxLxV = TransformerDecoder(tiny_model_config(), nnx.Rngs(0))(x_BxL)
+  capped = TransformerDecoder(tiny_model_config(logit_softcap=0.5), nnx.Rngs(0))(x_BxL)
+  assert float(jnp.abs(logits_BxLxV).max()) > 0.5 > float(jnp.abs(capped).max())
+  np.testing.assert_allclose(capped, 0.5 * jnp.tanh(logits_BxLxV / 0.5), atol=1e-6)
+  m = TransformerDecoder(tiny_model_config(zero_init=True), nnx.Rngs(0))
+  x_BxLxD = m._embed(x_BxL, jnp.broadcast_to(jnp.arange(16), x_BxL.shape))
+  np.testing.assert_allclose(m.hidden(x_BxL), m.ln_f(x_BxLxD), atol=1e-6)  # every block adds 0
 
 
 def test_rope_scores_depend_only_on_the_distance():

@@ -55,11 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_base = 10_000.0
   c.model.norm = 'layernorm'  # 'layernorm' (no bias) | 'rmsnorm'
   c.model.norm_eps = 1e-6  # added to the variance (mean square) in every norm
-  c.model.mlp = 'gelu'  # 'gelu' | 'swiglu'
+  c.model.mlp = 'gelu'  # 'gelu' | 'swiglu' | 'relu2' (squared ReLU)
   c.model.qk_norm = False  # normalise queries and keys per head
   c.model.KV = 0  # key/value heads, dividing H (1: multi-query); 0: H (multi-head)
   c.model.tied = True  # output projection shares the input embedding
   c.model.attention = 'einsum'  # 'einsum' | 'dot_product_attention' (cuDNN on GPUs)
+  c.model.zero_init = False  # attention's and the MLP's output projections start at zero
+  c.model.logit_softcap = 0.0  # logits as c·tanh(logits / c); 0: uncapped
 
   # Training loss extras, off by default; logged apart from the plain cross-entropy 'loss'.
   c.label_smoothing = 0.0

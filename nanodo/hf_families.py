@@ -15,10 +15,10 @@ FAMILIES = {
   'qwen3': (('rope', 'rmsnorm', 'swiglu', True), 'Qwen3ForCausalLM'),
 }
 _OPTIONS = ('positions', 'norm', 'mlp', 'qk_norm')
-# Model keys every family takes: sizes, and how nanodo computes rather than what.
-_SHARED = (
-  'V D H L N F KV tied rope_base norm_eps dtype remat remat_policy attention zero_init'.split()
-)
+# Model keys every family takes: sizes, how nanodo computes rather than what, an initialisation,
+# and the soft-cap (refused unless 0).
+_SHARED = 'V D H L N F KV tied rope_base norm_eps dtype remat remat_policy attention'.split()
+_SHARED += ['zero_init', 'logit_softcap']
 _SUPPORTED = (
   'learned + layernorm + gelu (GPT-2), rope + rmsnorm + swiglu (Llama), with qk_norm (Qwen3)'
 )
@@ -39,8 +39,11 @@ _FIXED = {
 def family(model: dict) -> str:
   """The family of a run's model keys; ValueError naming an option that none of them has."""
   for key, value in model.items():
-    if key not in (*_SHARED, *_OPTIONS) and not (key == 'logit_softcap' and not value):
+    if key not in (*_SHARED, *_OPTIONS):
       raise ValueError(f'model.{key}={value!r} is unknown to export, which supports {_SUPPORTED}.')
+  if model.get('logit_softcap'):
+    cap = f'model.logit_softcap={model["logit_softcap"]!r}'
+    raise ValueError(f'{cap} has no Hugging Face counterpart in these families: 0 (uncapped) only.')
   options = tuple(model[k] for k in _OPTIONS)
   differ = lambda f: [
     k for k, a, b in zip(_OPTIONS, options, FAMILIES[f][0], strict=True) if a != b

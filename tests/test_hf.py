@@ -79,6 +79,8 @@ def test_export_import_export_round_trips_bit_for_bit(hf_exports, name, tmp_path
     ({'qk_norm': True}, r'model.qk_norm=True .* no Hugging Face counterpart'),
     ({'positions': 'none'}, r"model.positions='none'"),
     ({'KV': 1}, 'model.KV=1 with learned positions has no counterpart'),
+    ({'mlp': 'relu2'}, r"model.mlp='relu2' \(with positions='learned'"),
+    ({'logit_softcap': 15.0}, r'model.logit_softcap=15.0 has no Hugging Face counterpart'),
     ({'experts': 8}, r'model.experts=8 is unknown to export'),  # an option added later
   ],
 )

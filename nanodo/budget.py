@@ -6,6 +6,7 @@ the budget counted from the process's launch. The schedule is laid over that cou
 resumed run reads it back from workdir/budget.json: the same steps, the same learning rates.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -13,15 +14,19 @@ import os
 import time
 from collections.abc import Callable
 
+import grain
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from nanodo import workdir
+from nanodo import data, update, workdir
+from nanodo.progress import log
 from nanodo.tree import PyTree
 
-# Steps timed after the compiling one; the budget's share kept for saves, logs and jitter.
-TIMED_STEPS, SAFETY = 10, 0.02
+# Steps timed after the compiling one; the budget's share kept for saves, logs and the machine's
+# speed drifting (steps in the loop ran 2-8% slower than timed here).
+TIMED_STEPS, SAFETY = 10, 0.05
 clock = time.time  # replaced by tests
 _IMPORTED = time.time()
 
@@ -66,11 +71,11 @@ def decide(
   train_step: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
   state: PyTree,
   batch: PyTree,
-  eval_step: Callable[[PyTree, PyTree], PyTree],
-  eval_batch: PyTree,
+  evaluate_one: Callable[[], PyTree],
   num_eval_batches: int,
 ) -> Decision:
-  """The step count that ends within the budget, timed on a copy of state (which steps donate).
+  """The step count that ends within the budget, timed on a copy of state (which steps donate)
+  and by evaluate_one, a held-out batch's evaluation.
 
   Process 0's timings decide for every process of the run. ValueError if the budget cannot fit
   one step and the final evaluation.
@@ -81,12 +86,13 @@ def decide(
   jax.block_until_ready(probe)
   t1 = clock()
   for _ in range(TIMED_STEPS):
-    probe, _ = train_step(probe, batch)
+    probe, step_metrics = train_step(probe, batch)
+    jax.device_get(step_metrics)  # as the loop's logger reads them
   jax.block_until_ready(probe)
   t2 = clock()
-  jax.block_until_ready(eval_step(state['params'], eval_batch))  # compiles
+  jax.block_until_ready(evaluate_one())  # compiles
   t3 = clock()
-  jax.block_until_ready(eval_step(state['params'], eval_batch))
+  jax.block_until_ready(evaluate_one())
   compile_seconds, step_seconds = t1 - t0, (t2 - t1) / TIMED_STEPS
   eval_seconds = (clock() - t3) * num_eval_batches
   # The decided count's train step compiles again before it starts.
@@ -130,3 +136,37 @@ def describe(d: Decision, pinned: str = '') -> str:
   minutes = f'{d.train_minutes:g}'
   line = f'budget {minutes} min: {d.num_train_steps:,} steps at {d.step_seconds:.3g} s/step'
   return line + (f' (kept in {pinned})' if pinned else '')
+
+
+def apply(
+  c: ml_collections.ConfigDict,
+  run: update.Setup,
+  state: PyTree,
+  batches: grain.DatasetIterator,
+  eval_data: data.EvalData,
+  batch_sharding: jax.sharding.NamedSharding,
+) -> tuple[ml_collections.ConfigDict, update.Setup]:
+  """c and its train step with the steps c.train_minutes buys: kept in the workdir, else timed.
+
+  Timing runs steps on a copy of state and a peek at the next batch: the run starts after.
+  """
+  decision, kept = read(c.workdir), os.path.join(c.workdir, workdir.BUDGET)
+  if decision is None:
+    position = batches.get_state()
+    batch = next(batches)
+    batches.set_state(position)
+    # Each held-out batch is put on the devices as the evaluation goes.
+    first = lambda: data.global_batch(eval_data.batches[0], batch_sharding)
+    evaluate_one = lambda: run.eval_step(state['params'], first())
+    n = len(eval_data.batches)
+    decision = decide(
+      c.train_minutes, c.eval_every_steps, run.train_step, state, batch, evaluate_one, n
+    )
+    if jax.process_index() == 0:
+      write(c.workdir, decision)
+    kept = ''
+  log(describe(decision, kept))
+  c = copy.deepcopy(c)
+  c.opt.num_train_steps = decision.num_train_steps
+  train_step = update.jit_train_step(run.graphdef, run.shardings, c, batch_sharding.mesh)
+  return c, run._replace(train_step=train_step)

@@ -1,7 +1,6 @@
 """The training loop: data, state, checkpoints, evaluation, a graceful stop on signals."""
 
 import contextlib
-import copy
 import dataclasses
 import os
 import signal
@@ -125,7 +124,7 @@ def _train(
   state, restored = _restore(c, mngr, run, batches)
   step = int(state['step'])
   if c.train_minutes:
-    c, run = _budget(c, inputs, run, state)
+    c, run = budget.apply(c, run, state, batches, eval_data, batch_sharding)
   if jax.process_index() == 0:
     workdir.write_config(c)
     # Rows of steps after the restored one come from a run killed before its next checkpoint.
@@ -179,40 +178,6 @@ def _train(
   finally:
     progress.close()
     logger.close()
-
-
-def _budget(
-  c: ConfigDict, inputs: Inputs, run: update.Setup, state: PyTree
-) -> tuple[ConfigDict, update.Setup]:
-  """c and its train step with the step count train_minutes buys: kept in the workdir, or timed.
-
-  Timing runs the steps on a copy of state and a peek at the next batch: the run starts after.
-  """
-  decision, kept = budget.read(c.workdir), os.path.join(c.workdir, workdir.BUDGET)
-  if decision is None:
-    position = inputs.batches.get_state()
-    batch = next(inputs.batches)
-    inputs.batches.set_state(position)
-    batches = inputs.eval_data.batches
-    eval_batch = data.global_batch(batches[0], inputs.batch_sharding)
-    decision = budget.decide(
-      c.train_minutes,
-      c.eval_every_steps,
-      run.train_step,
-      state,
-      batch,
-      run.eval_step,
-      eval_batch,
-      len(batches),
-    )
-    if jax.process_index() == 0:
-      budget.write(c.workdir, decision)
-    kept = ''
-  log(budget.describe(decision, kept))
-  c = copy.deepcopy(c)
-  c.opt.num_train_steps = decision.num_train_steps
-  train_step = update.jit_train_step(run.graphdef, run.shardings, c, inputs.batch_sharding.mesh)
-  return c, run._replace(train_step=train_step)
 
 
 def _restore(

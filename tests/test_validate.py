@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config
 
 from nanodo import validate, workdir
-from nanodo.configs import default, lm1b
+from nanodo.configs import default, lm1b, ten_minutes
 
 _MISSING = object()
 
@@ -42,7 +42,7 @@ def _with(workdir_: str, key: str, value: object) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
-@pytest.mark.parametrize('config', [default.get_config, lm1b.get_config])
+@pytest.mark.parametrize('config', [default.get_config, lm1b.get_config, ten_minutes.get_config])
 def test_shipped_configs_pass(config, tmp_path):
   c = config()
   c.workdir = str(tmp_path / 'run')

@@ -10,11 +10,12 @@ from nanodo.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """default.py's data and shape, trained for ten minutes with Muon."""
+  """default.py's data and shape, for ten minutes: Muon, rotary positions, RMSNorm, QK-norm."""
   c = default.get_config()
   c.train_minutes = 10.0
   # Muon on the blocks' matrices, at 5× the learning rate AdamW has on the embedding and norms.
   c.opt.optimizer = 'muon'
   c.opt.lr_multipliers = 'blocks/.*/w=5'
+  c.model.update(positions='rope', norm='rmsnorm', qk_norm=True)
   c.eval_every_steps = 1000
   return c

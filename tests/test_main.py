@@ -44,7 +44,10 @@ TINY = [
     ('--config.model.dtype=float8', "model.dtype='float8' is not valid: one of"),
     ('--config.model.KV=3', 'model.KV=3 is not valid: must divide model.H=2'),
     ('--config.model.positions=alibi', "model.positions='alibi' is not valid: one of ('learned',"),
-    ('--config.model.mlp=relu', "model.mlp='relu' is not valid: one of ('gelu', 'swiglu')"),
+    (
+      '--config.model.mlp=relu',
+      "model.mlp='relu' is not valid: one of ('gelu', 'swiglu', 'relu2')",
+    ),
     (
       '--config.model.positions=rope --config.model.D=6 --config.model.H=2',
       "model.positions='rope' is not valid: rope needs an even head dimension",

@@ -20,9 +20,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from nanodo import data, sharding, sources, token_cache, tokenizer, update
+from nanodo import data, sharding
 from nanodo.configs import default
+from nanodo.corpora import sources, token_cache, tokenizer
 from nanodo.model import ModelConfig
+from nanodo.step import StepConfig, build_steps
 
 
 def deliver(
@@ -40,7 +42,7 @@ def consumed_tokens_per_sec(c: ml_collections.ConfigDict, V: int, steps: int = 1
   """Tokens per second of the default config's train step (median of steps, after warm-up)."""
   cfg = ModelConfig(V=V, **c.model)
   mesh = sharding.make_mesh(1, -1)
-  run = update.setup(cfg, c, mesh)
+  run = build_steps(cfg, StepConfig.of(c), c.opt, c.seed, mesh)
   state = run.state
   rng = np.random.default_rng(0)
   batch = data.as_batch(rng.integers(1, V, (c.batch_size, cfg.L), dtype=np.int32))

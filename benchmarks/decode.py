@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanodo import sample
 from nanodo.configs import default
+from nanodo.ground.tree import PyTree
 from nanodo.model import ModelConfig, TransformerDecoder
-from nanodo.tree import PyTree
+from nanodo.tools import sample
 
 NEW_TOKENS = 512
 PROMPT_TOKENS = 8

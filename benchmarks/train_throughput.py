@@ -35,9 +35,11 @@ import time
 import jax
 import numpy as np
 
-from nanodo import data, host, metrics, peaks, sharding, train, update
+from nanodo import data, sharding, train
 from nanodo.configs import default
+from nanodo.infra import host, metrics, peaks
 from nanodo.model import ModelConfig
+from nanodo.step import StepConfig, build_steps
 
 C = default.get_config()
 CONFIGS = {
@@ -120,7 +122,7 @@ def bench(
 ) -> dict[str, float]:
   """Median step time of nanodo's jitted train step, after two warm-up steps."""
   mesh = sharding.make_mesh(1, -1)
-  run = update.setup(cfg, C, mesh)
+  run = build_steps(cfg, StepConfig.of(C), C.opt, C.seed, mesh)
   state, step_fn = run.state, run.train_step
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)

@@ -12,17 +12,21 @@ import dataclasses
 import grain
 import jax
 import numpy as np
-import sentencepiece as spm
-from jax.experimental import multihost_utils
-
-from nanodo import sources, token_cache
-from nanodo.token_cache import Tokens
 
 # 'packed': document pieces packed into rows, attention and positions kept within each piece;
 # 'concat': the original's concatenate-and-split, one segment per row (attention crosses documents).
 PACKINGS = ('packed', 'concat')
 ONE_PROCESS = grain.sharding.NoSharding()
 Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+  """A split's token ids, document after document; offsets[d] is where document d starts."""
+
+  ids: np.ndarray
+  offsets: np.ndarray
+  num_bytes: int  # UTF-8 bytes of the documents' text, for bits per byte
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,17 +123,6 @@ def as_batch(x_BxL: np.ndarray) -> Batch:
   positions_BxL = np.broadcast_to(np.arange(x_BxL.shape[1], dtype=np.int32), x_BxL.shape)
   segment_ids_BxL = (x_BxL != 0).astype(np.int32)
   return with_targets({'x': x_BxL, 'segment_ids': segment_ids_BxL, 'positions': positions_BxL})
-
-
-def load_tokens(
-  split: sources.Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: int
-) -> Tokens:
-  """A split's tokens from the token cache; process 0 builds it while the others wait."""
-  # Process 0 opens it once: opening verifies its checksums, which reads it whole.
-  tokens = token_cache.load(split, sp, cache_dir, workers) if jax.process_index() == 0 else None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'token cache of {split.name}')
-  return tokens or token_cache.load(split, sp, cache_dir, workers)
 
 
 def train_rows(tokens: Tokens, L: int, packing: str) -> Rows:

@@ -1,26 +1,29 @@
-"""Held-out loss, perplexity and bits per byte, during training or of a trained run."""
+"""Held-out loss, perplexity and bits per byte."""
 
 import math
 from collections.abc import Callable
 
-import grain
 import jax
 import numpy as np
 
-from nanodo import data, sharding, sources, update, workdir
-from nanodo.progress import Progress
-from nanodo.tree import PyTree
+from nanodo import data
+from nanodo.ground.console import Progress
+from nanodo.ground.tree import PyTree
+
+# A jitted step.eval_step: the held-out sums of one batch.
+EvalStep = Callable[[PyTree, dict[str, jax.Array]], dict[str, jax.Array]]
 
 
 def evaluate(
-  eval_step: Callable[[PyTree, update.Batch], update.Metrics],
+  eval_step: EvalStep,
   params: PyTree,
   eval_data: data.EvalData,
   batch_sharding: jax.sharding.NamedSharding,
   progress: Progress,
 ) -> dict[str, float]:
   """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
-  task, sums = progress.add('eval', len(eval_data.batches)), []
+  task = progress.add('eval', len(eval_data.batches))
+  sums = []
   for b in eval_data.batches:
     sums.append(eval_step(params, data.global_batch(b, batch_sharding)))
     # One step runs while the next is prepared, no more: many steps in flight, each with its
@@ -30,9 +33,10 @@ def evaluate(
     progress.update(task, len(sums) - 1)
   progress.remove(task)
   total = lambda k: float(np.sum([s[k] for s in sums], dtype=np.float64))
-  nll, nll_sq, count = total('loss'), total('loss_sq'), total('count')
+  nll = total('loss')
+  count = total('count')
   loss = nll / count
-  stderr = math.sqrt(max(nll_sq / count - loss**2, 0.0) / count)
+  stderr = math.sqrt(max(total('loss_sq') / count - loss**2, 0.0) / count)
   bits_per_byte = nll / math.log(2) / eval_data.num_bytes
   return {
     'loss': loss,
@@ -40,21 +44,3 @@ def evaluate(
     'perplexity': math.exp(loss),
     'bits_per_byte': bits_per_byte,
   }
-
-
-def evaluate_run(path: str, step: int | None = None) -> tuple[workdir.Run, dict[str, float]]:
-  """A run's checkpoint (default: the latest) and its metrics on the run's held-out split."""
-  run = workdir.load(path, step)
-  c = run.config
-  if c.eval_batch_size % jax.device_count():
-    here = f'the {jax.device_count()} devices here'
-    raise ValueError(f"The run's eval_batch_size={c.eval_batch_size} is not divisible by {here}.")
-  split = sources.get_split(c, 'eval')
-  tokens = data.load_tokens(split, run.sp, workdir.cache_dir(c), c.tokenize_workers)
-  eval_data = data.eval_data(
-    tokens, run.cfg.L, c.eval_batch_size, grain.sharding.ShardByJaxProcess()
-  )
-  eval_step = update.jit_eval_step(run.graphdef, update.StepConfig.of(c))
-  batch_sharding = sharding.batch_sharding(sharding.make_mesh(1, jax.device_count()))
-  with Progress() as progress:
-    return run, evaluate(eval_step, run.params, eval_data, batch_sharding, progress)

@@ -6,13 +6,15 @@ R = H // G, K head dim (D // H), F MLP hidden, V vocabulary, N layers.
 """
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nanodo.cross_entropy import softcap
+from nanodo.ops import attend, einsum_BL, logits, rope
 from nanodo.sharding import BATCH, FSDP
 
 POSITIONS = ('learned', 'rope', 'none')
@@ -24,6 +26,8 @@ REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_
 
 # Keys and values of one layer, k_BxMxGxK and v_BxMxGxK; a cache has one pair per layer.
 LayerCache = tuple[jax.Array, jax.Array]
+# The logits of hidden states h_TxD given the output projection out_VxD.
+Head = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,57 +70,20 @@ def _norm(cfg: ModelConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
   return nnx.LayerNorm(dim, use_bias=False, **kwargs)
 
 
-def einsum_BL(spec: str, x_BxLx: jax.Array, w: nnx.Param | jax.Array) -> jax.Array:
-  """jnp.einsum(spec) of activations and a weight (cast to their dtype), B and L as one axis.
-
-  One flattened axis makes a 2-D matmul, whose weight gradient is far faster on CPU.
-  """
-  B, L = x_BxLx.shape[:2]
-  w = w[...].astype(x_BxLx.dtype)
-  y = jnp.einsum(spec.replace('BL', 'T'), x_BxLx.reshape(B * L, *x_BxLx.shape[2:]), w)
-  t = spec.split('->')[1].index('BL')
-  return y.reshape(*y.shape[:t], B, L, *y.shape[t + 1 :])
-
-
-def rope(x_BxLxHxK: jax.Array, pos_BxL: jax.Array, base: float) -> jax.Array:
-  """Rotates each pair (x_i, x_i+K/2) by the angle pos / base^(2i/K)."""
-  K = x_BxLxHxK.shape[-1]
-  freq_K2 = base ** (-jnp.arange(K // 2, dtype=jnp.float32) / (K // 2))
-  angle_BxLx1xK2 = (pos_BxL[..., None].astype(jnp.float32) * freq_K2)[:, :, None]
-  sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
-  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
-
-
-def attend(
-  q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array, visible_BxLxM: jax.Array
-) -> jax.Array:
-  """Softmax attention of each query head over its key/value head's visible positions."""
-  (B, L, H, K), G = q_BxLxHxK.shape, k_BxMxGxK.shape[2]
-  # Heads first, so that every einsum is a plain batched matmul: 16% faster on CPU.
-  q_BxGxRxLxK = q_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4) * K**-0.5
-  k_BxGxMxK, v_BxGxMxK = (t.transpose(0, 2, 1, 3) for t in (k_BxMxGxK, v_BxMxGxK))
-  att_BxGxRxLxM = jnp.einsum('BGRLK,BGMK->BGRLM', q_BxGxRxLxK, k_BxGxMxK)
-  # softmax in float32: bfloat16 loses the small probabilities.
-  att_BxGxRxLxM = att_BxGxRxLxM.astype(jnp.float32)
-  att_BxGxRxLxM = jnp.where(visible_BxLxM[:, None, None], att_BxGxRxLxM, -jnp.inf)
-  att_BxGxRxLxM = jax.nn.softmax(att_BxGxRxLxM, axis=-1).astype(q_BxLxHxK.dtype)
-  out_BxGxRxLxK = jnp.einsum('BGRLM,BGMK->BGRLK', att_BxGxRxLxM, v_BxGxMxK)
-  return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
-
-
 class Attention(nnx.Module):
   """Causal self-attention with H query heads sharing G key/value heads."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    D, H, G, K, std = cfg.D, cfg.H, cfg.KV or cfg.H, cfg.D // cfg.H, cfg.D**-0.5
+    D, H, G, K = cfg.D, cfg.H, cfg.KV or cfg.H, cfg.D // cfg.H
+    std = D**-0.5
     self.wq_DxHxK = _param(rngs, std, (D, H, K), (FSDP, None, None))
     self.wkv_2xDxGxK = _param(rngs, std, (2, D, G, K), (None, FSDP, None, None))
     out_std = 0.0 if cfg.zero_init else std / (2 * cfg.N) ** 0.5  # for the depth of the sum
     self.wo_HxKxD = _param(rngs, out_std, (H, K, D), (None, None, FSDP))
     if cfg.qk_norm:
-      self.q_norm, self.k_norm = _norm(cfg, K, rngs), _norm(cfg, K, rngs)
+      self.q_norm = _norm(cfg, K, rngs)
+      self.k_norm = _norm(cfg, K, rngs)
 
   def __call__(
     self, x_BxLxD: jax.Array, pos_BxL: jax.Array, visible_BxLxM: jax.Array, cache: LayerCache | None
@@ -125,7 +92,8 @@ class Attention(nnx.Module):
     q_BxLxHxK = einsum_BL('BLD,DHK->BLHK', x_BxLxD, self.wq_DxHxK)
     k_BxLxGxK, v_BxLxGxK = einsum_BL('BLD,SDGK->SBLGK', x_BxLxD, self.wkv_2xDxGxK)
     if self.cfg.qk_norm:
-      q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
+      q_BxLxHxK = self.q_norm(q_BxLxHxK)
+      k_BxLxGxK = self.k_norm(k_BxLxGxK)
     if self.cfg.positions == 'rope':
       q_BxLxHxK = rope(q_BxLxHxK, pos_BxL, self.cfg.rope_base)
       k_BxLxGxK = rope(k_BxLxGxK, pos_BxL, self.cfg.rope_base)
@@ -148,7 +116,8 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    D, F, out_std = cfg.D, cfg.F, 0.0 if cfg.zero_init else cfg.F**-0.5 / (2 * cfg.N) ** 0.5
+    D, F = cfg.D, cfg.F
+    out_std = 0.0 if cfg.zero_init else F**-0.5 / (2 * cfg.N) ** 0.5
     if cfg.mlp == 'swiglu':
       self.wi_2xDxF = _param(rngs, D**-0.5, (2, D, F), (None, FSDP, None))
     else:
@@ -169,8 +138,10 @@ class Block(nnx.Module):
   """Pre-norm decoder block."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.ln1, self.attn = _norm(cfg, cfg.D, rngs), Attention(cfg, rngs)
-    self.ln2, self.mlp = _norm(cfg, cfg.D, rngs), Mlp(cfg, rngs)
+    self.ln1 = _norm(cfg, cfg.D, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ln2 = _norm(cfg, cfg.D, rngs)
+    self.mlp = Mlp(cfg, rngs)
 
   def __call__(
     self, x_BxLxD: jax.Array, pos_BxL: jax.Array, visible_BxLxM: jax.Array, cache: LayerCache | None
@@ -227,23 +198,30 @@ class TransformerDecoder(nnx.Module):
     """Logits of new tokens at positions pos_BxL (each below cfg.L); the cache extended by them."""
     # Causal by position: cache entries past a row's position are stale or padding.
     visible_BxLxM = jnp.arange(self.cfg.L) <= pos_BxL[..., None]
-    x_BxLxD, new_cache = self._embed(x_BxL, pos_BxL), []
+    x_BxLxD = self._embed(x_BxL, pos_BxL)
+    new_cache = []
     for block, layer_cache in zip(self.blocks, cache, strict=True):
       x_BxLxD, layer_cache = block(x_BxLxD, pos_BxL, visible_BxLxM, layer_cache)
       new_cache.append(layer_cache)
     return self.project(self.ln_f(x_BxLxD)), new_cache
 
-  def out_VxD(self) -> jax.Array:
-    """The output projection, a row per piece: the input embedding when tied."""
-    return self.embed_VxD[...] if self.cfg.tied else self.head_DxV[...].T
+  def head(self) -> tuple[Head, jax.Array]:
+    """The logits function and its output projection (the input embedding when tied)."""
+    out_VxD = self.embed_VxD[...] if self.cfg.tied else self.head_DxV[...].T
+    return functools.partial(logits, softcap=self.cfg.logit_softcap), out_VxD
 
   def project(self, h_BxLxD: jax.Array) -> jax.Array:
-    """Logits of the hidden states, in float32: the loss needs the precision."""
-    logits_BxLxV = einsum_BL('BLD,VD->BLV', h_BxLxD.astype(jnp.float32), self.out_VxD())
-    return softcap(logits_BxLxV, self.cfg.logit_softcap)
+    """Float32 logits of the hidden states."""
+    head, out_VxD = self.head()
+    return head(h_BxLxD, out_VxD)
 
   def _embed(self, x_BxL: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     x_BxLxD = self.embed_VxD[...][x_BxL]
     if self.cfg.positions == 'learned':
       x_BxLxD += self.pos_LxD[...][pos_BxL]
     return x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
+
+
+def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph and its parameters' shapes, dtypes and partition specs; no weights made."""
+  return nnx.split(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0))))

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import optax
 
-from nanodo.tree import PyTree, path_str
+from nanodo.ground.tree import PyTree, path_str
 
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
 SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant', 'wsd')
@@ -86,9 +86,10 @@ def muon_dims(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(dims, params)
 
 
-def get_optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optimizer named by opt.optimizer, behind global-norm clipping."""
-  schedule = get_schedule(o)
+def get_optimizer(
+  o: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """The optimizer named by opt.optimizer at the learning rates of schedule, behind clipping."""
   mask = lambda params: decay_mask(params, o.weight_decay_exclude)
   if o.optimizer == 'adamw':
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)

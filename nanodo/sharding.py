@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanodo.progress import log
-from nanodo.tree import PyTree
+from nanodo.ground.console import log
+from nanodo.ground.tree import PyTree
 
 # FSDP: every weight is sharded over the 'fsdp' mesh axis along one dimension, and copied
 # over the 'data' axis (data parallel). Batches are split along B over every device.

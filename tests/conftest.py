@@ -9,14 +9,17 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from nanodo import hf, sources, train
+from nanodo import sharding, step, train
 from nanodo.configs import default
+from nanodo.corpora import builtin
+from nanodo.data import Tokens
 from nanodo.model import ModelConfig
-from nanodo.token_cache import Tokens
+from nanodo.tools import hf_export
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 VOCAB = os.path.join(TESTDATA, 'shakespeare_1024.model')
@@ -28,6 +31,14 @@ def tiny_model_config(**overrides) -> ModelConfig:
   """A model small enough to compile and run in a second; the other keys as configs/default.py."""
   tiny = {'D': 32, 'H': 2, 'L': 16, 'N': 2, 'V': 97, 'F': 64}
   return ModelConfig(**{**default.get_config().model, **tiny, **overrides})
+
+
+def tiny_steps(
+  cfg: ModelConfig, c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> step.Steps:
+  """The state and steps of the model cfg under the run config c, on every device by default."""
+  mesh = mesh or sharding.make_mesh(1, -1)
+  return step.build_steps(cfg, step.StepConfig.of(c), c.opt, c.seed, mesh)
 
 
 def tiny_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
@@ -164,7 +175,7 @@ def reference(tmp_path_factory) -> tuple[str, list[tuple[int, float]]]:
 
 @functools.cache
 def _first_play() -> str:
-  return sources.shakespeare()[0][0]
+  return builtin.shakespeare()[0][0]
 
 
 # For the Hugging Face tests (test_hf*.py), a run of each family: Llama with shared key/value
@@ -207,7 +218,7 @@ def hf_exports(tmp_path_factory):
 
   def make(directory: pathlib.Path, name: str) -> None:
     train.train_and_evaluate(text_config(str(directory / 'run'), HF_RUNS[name]))
-    assert hf.export(str(directory / 'run'), str(directory / 'hf')) == name
+    assert hf_export.export(str(directory / 'run'), str(directory / 'hf')) == name
 
   def get(name: str) -> tuple[str, str]:
     directory = once(shared / f'hf_{name}', lambda d: make(d, name))

@@ -7,7 +7,8 @@ import os
 import pytest
 from conftest import tiny_config
 
-from nanodo import budget, train, update, validate, workdir
+from nanodo import step, train
+from nanodo.infra import budget, validate, workdir
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_a_resumed_budget_keeps_its_steps(fake_clock, tmp_path, monkeypatch, cap
   n = budget.read(str(tmp_path / 'straight')).num_train_steps
   # The same run, its decided train step failing before step 5 (the last checkpoint: 3).
   fake_clock()
-  real, made = update.jit_train_step, []
+  real, made = step.jit_train_step, []
 
   def failing(*args):
     step_fn = real(*args)
@@ -77,12 +78,12 @@ def test_a_resumed_budget_keeps_its_steps(fake_clock, tmp_path, monkeypatch, cap
       return step_fn
     return lambda state, batch: step_fn(state, batch) if state['step'] < 4 else 1 / 0
 
-  monkeypatch.setattr(update, 'jit_train_step', failing)
+  monkeypatch.setattr(step, 'jit_train_step', failing)
   path = str(tmp_path / 'failed')
   with pytest.raises(ZeroDivisionError):
     _budgeted(path, 0.85)
   assert sorted(os.listdir(os.path.join(path, 'checkpoints'))) == ['3']
-  monkeypatch.setattr(update, 'jit_train_step', real)
+  monkeypatch.setattr(step, 'jit_train_step', real)
   # Launched 30 s earlier: timing again would refuse the budget; the kept count stands.
   fake_clock(launch_ago=30)
   capsys.readouterr()

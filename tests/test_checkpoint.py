@@ -10,14 +10,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_model_config, tokens_of
+from conftest import tiny_config, tiny_model_config, tiny_steps, tokens_of
 
-from nanodo import checkpoint, data, sharding, update
+from nanodo import data
+from nanodo.infra import checkpoint
 
 
 @functools.cache
 def _init() -> tuple:
-  run = update.setup(tiny_model_config(), tiny_config('/unused'), sharding.make_mesh(1, -1))
+  run = tiny_steps(tiny_model_config(), tiny_config('/unused'))
   return run.state, run.shardings
 
 

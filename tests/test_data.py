@@ -7,12 +7,13 @@ import grain
 import jax
 import numpy as np
 import pytest
-from conftest import VOCAB, tiny_config, tiny_model_config, tokens_of
+from conftest import VOCAB, tiny_model_config, tokens_of
 from flax import nnx
 
-from nanodo import data, evaluate, sources, token_cache, tokenizer, update
+from nanodo import data, evaluate, step
+from nanodo.corpora import sources, token_cache, tokenizer
+from nanodo.ground.console import Progress
 from nanodo.model import TransformerDecoder
-from nanodo.progress import Progress
 
 
 def _docs(lengths):
@@ -199,8 +200,7 @@ def test_bits_per_byte_matches_a_hand_computation(tmp_path):
   graphdef, params = nnx.split(model)
   ed = data.eval_data(_tokens(sp, docs, tmp_path), L=cfg.L, batch_size=2)
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  opts = update.StepConfig.of(tiny_config('/unused', cross_entropy_block_size=4))
-  eval_step = update.jit_eval_step(graphdef, opts)
+  eval_step = step.jit_eval_step(graphdef, block_size=4)
   result = evaluate.evaluate(eval_step, params, ed, one_device, Progress(io.StringIO()))
   # By hand: each document as one long sequence, scored window by window.
   nll, count = 0.0, 0

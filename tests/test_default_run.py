@@ -11,8 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from nanodo import token_cache, tokenizer, train, workdir
-from nanodo.token_cache import Tokens
+from nanodo import train
+from nanodo.corpora import token_cache, tokenizer
+from nanodo.data import Tokens
+from nanodo.infra import workdir
+from nanodo.tools import trained
 
 # The bigram's interpolation weights tried; the best on the held-out split is the baseline.
 MUS = tuple(2.0**k for k in range(-2, 11))
@@ -82,6 +85,6 @@ def test_default_run_beats_the_bigram_baseline_on_held_out_plays(tmp_path):
     evals = [r for r in map(json.loads, f) if 'eval_bits_per_byte' in r]
   assert evals[-1]['eval_bits_per_byte'] <= 1.95
   # The evaluation's held-out targets and bytes, scored by a bigram of the train split: about 2.08.
-  V = tokenizer.load(workdir.tokenizer_path(workdir.run_config(str(run)))).vocab_size()
+  V = tokenizer.load(trained.tokenizer_path(workdir.run_config(str(run)))).vocab_size()
   baseline = bigram_bits_per_byte(_cached(str(run), 'train'), _cached(str(run), 'eval'), V)
   assert evals[-1]['eval_bits_per_byte'] < baseline, baseline

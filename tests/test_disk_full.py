@@ -21,11 +21,13 @@ from conftest import (
   run_guarded,
   step_losses,
   tiny_config,
+  tiny_steps,
   tokens_of,
 )
 from etils import epath
 
-from nanodo import checkpoint, data, sharding, train, update
+from nanodo import data, step, train
+from nanodo.infra import checkpoint
 from nanodo.model import ModelConfig
 
 TMP = '.orbax-checkpoint-tmp'  # Orbax writes a checkpoint under this suffix, then renames it
@@ -54,10 +56,10 @@ def _contents(directory: str) -> dict[str, str]:
 
 
 @functools.cache
-def _setup() -> update.Setup:
+def _setup() -> step.Steps:
   """A tiny model's initial state and shardings, built once."""
   c = tiny_config('/unused')
-  return update.setup(ModelConfig(V=97, **c.model), c, sharding.make_mesh(1, -1))
+  return tiny_steps(ModelConfig(V=97, **c.model), c)
 
 
 def _complete(directory: str) -> list[str]:
@@ -84,7 +86,7 @@ def test_a_failed_save_is_named_with_the_last_complete_checkpoint_which_stays(
   data_iter = iter(data.train_dataset(tokens_of([np.arange(4000) % 90 + 4]), 32, 4, 0, 'packed'))
   with pytest.raises(checkpoint.SaveError) as e:
     # max_to_keep=1: a save that went on after the failure would delete checkpoint 3.
-    with checkpoint.closing(checkpoint.manager(directory, max_to_keep=1)) as mngr:
+    with checkpoint.opened(directory, max_to_keep=1) as mngr:
       checkpoint.save(mngr, 3, run.state, data_iter)
       checkpoint.wait(mngr)
       kept = _contents(os.path.join(directory, '3'))

@@ -13,21 +13,24 @@ import pytest
 from conftest import HF_RUNS, MAIN, tiny_config
 from flax import nnx
 
-from nanodo import hf, hf_families, sample, sources, tree, workdir
+from nanodo.corpora import builtin
+from nanodo.ground import tree
+from nanodo.infra import workdir
 from nanodo.model import TransformerDecoder
+from nanodo.tools import hf_export, hf_families, hf_import, sample, trained
 
 torch = pytest.importorskip('torch', reason='needs torch (the test extra) to run transformers')
 transformers = pytest.importorskip('transformers', reason='needs transformers (the test extra)')
 safetensors_numpy = pytest.importorskip('safetensors.numpy', reason='needs safetensors')
 
 
-HELD_OUT = sources.shakespeare()[1]
+HELD_OUT = builtin.shakespeare()[1]
 
 
 @pytest.mark.parametrize('name', HF_RUNS)
 def test_transformers_gives_nanodos_logits_and_greedy_tokens(hf_exports, name):
   path, out = hf_exports(name)
-  run, model = workdir.load(path), transformers.AutoModelForCausalLM.from_pretrained(out)
+  run, model = trained.load(path), transformers.AutoModelForCausalLM.from_pretrained(out)
   assert type(model).__name__ == hf_families.FAMILIES[name][1] and model.dtype == torch.float32
   cfg = dataclasses.replace(run.cfg, dtype='float32')  # a bfloat16 run's weights are float32
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0))))
@@ -48,7 +51,7 @@ def test_transformers_gives_nanodos_logits_and_greedy_tokens(hf_exports, name):
 
 def test_the_tokenizer_gives_nanodos_ids_on_any_text(hf_exports):
   path, out = hf_exports('gpt2')
-  sp, tok = workdir.load(path).sp, transformers.AutoTokenizer.from_pretrained(out)
+  sp, tok = trained.load(path).sp, transformers.AutoTokenizer.from_pretrained(out)
   odd = '<s>not special</s>  ▁\t12345 日本語 \U0001f600 \x00\n'  # spaces, digits, bytes
   for text in [*HELD_OUT, odd, '', ' ']:
     assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
@@ -59,11 +62,11 @@ def test_the_tokenizer_gives_nanodos_ids_on_any_text(hf_exports):
 @pytest.mark.parametrize('name', HF_RUNS)
 def test_export_import_export_round_trips_bit_for_bit(hf_exports, name, tmp_path):
   path, out = hf_exports(name)
-  run = workdir.load(path)
-  c = hf.import_config(tiny_config(str(tmp_path / 'run'), vocab_path='', hf_init_dir=out))
+  run = trained.load(path)
+  c = hf_import.config(tiny_config(str(tmp_path / 'run'), vocab_path='', hf_init_dir=out))
   kept = 'D H L N F KV tied rope_base norm_eps positions norm mlp qk_norm'.split()
   assert {k: c.model[k] for k in kept} == {k: run.config.model[k] for k in kept}
-  params = hf.import_params(c, run.params)
+  params = hf_import.params(out, run.cfg, run.params)
   same = lambda a, b: a.dtype == b.dtype and np.array_equal(a, b)
   assert all(map(same, *(tree.by_path(p).values() for p in (params, run.params))))
   tensors = safetensors_numpy.load_file(os.path.join(out, 'model.safetensors'))
@@ -90,7 +93,7 @@ def test_export_refuses_an_option_without_a_counterpart_writing_nothing(tmp_path
   os.makedirs(c.workdir)
   workdir.write_config(c)  # a run's config is all export reads before it refuses
   with pytest.raises(ValueError, match=error):
-    hf.export(c.workdir, str(tmp_path / 'hf'))
+    hf_export.export(c.workdir, str(tmp_path / 'hf'))
   assert sorted(os.listdir(tmp_path)) == ['run']
 
 
@@ -130,5 +133,5 @@ def test_an_export_that_fails_midway_leaves_out_as_it_was(hf_exports, tmp_path, 
   monkeypatch.setattr(safetensors_numpy, 'save_file', disk_full)
   os.makedirs(tmp_path / 'out')
   with pytest.raises(OSError, match='No space left'):
-    hf.export(hf_exports('gpt2')[0], str(tmp_path / 'out'))
+    hf_export.export(hf_exports('gpt2')[0], str(tmp_path / 'out'))
   assert os.listdir(tmp_path) == ['out'] and os.listdir(tmp_path / 'out') == []

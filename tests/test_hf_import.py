@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from conftest import HF_RUNS, metric_rows, text_config, tiny_config
 
-from nanodo import hf, train, tree, validate, workdir
+from nanodo import train
+from nanodo.ground import tree
+from nanodo.infra import validate, workdir
+from nanodo.tools import hf_import, trained
 
 torch = pytest.importorskip('torch', reason='needs torch (the test extra) to run transformers')
 safetensors_numpy = pytest.importorskip('safetensors.numpy', reason='needs safetensors')
@@ -28,8 +31,9 @@ def test_an_import_reads_bfloat16_weights_in_shards(hf_exports, tmp_path):
     shard = {k: torch.tensor(v).bfloat16() for k, v in tensors.items() if weight_map[k] == file}
     safetensors_torch.save_file(shard, shards / file, metadata={'format': 'pt'})
   (shards / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
-  run, c = workdir.load(path), tiny_config(str(tmp_path / 'run'), hf_init_dir=str(shards))
-  params = tree.by_path(hf.import_params(hf.import_config(c), run.params))
+  run, c = trained.load(path), tiny_config(str(tmp_path / 'run'), hf_init_dir=str(shards))
+  hf_import.config(c)
+  params = tree.by_path(hf_import.params(str(shards), run.cfg, run.params))
   for k, x in tree.by_path(run.params).items():
     assert np.array_equal(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), params[k]), k
 
@@ -102,4 +106,4 @@ def test_an_import_dir_with_gpt2_biases_is_refused(hf_exports, tmp_path):
   safetensors_numpy.save_file(tensors, os.path.join(bad, 'model.safetensors'))
   c = tiny_config(str(tmp_path / 'run'), hf_init_dir=bad, vocab_path='')
   with pytest.raises(ValueError, match='h.1.mlp.c_fc.bias is not zero, and nanodo has no biases'):
-    hf.import_config(c)
+    hf_import.config(c)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-CODE = 'from nanodo import host; print(host.reuse_freed_memory())'
+CODE = 'from nanodo.infra import host; print(host.reuse_freed_memory())'
 
 
 def _run(env: dict[str, str]) -> str:

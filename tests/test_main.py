@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import CONFIG, MAIN, VOCAB, cli, tiny_config
 
-from nanodo import workdir
+from nanodo.infra import workdir
 
 TINY = [
   '--config.model.D=32',
@@ -103,7 +103,7 @@ def test_a_config_file_that_does_not_exist_is_one_line(tmp_path):
 def test_a_second_run_on_an_active_workdir_fails_at_once_and_writes_nothing(tmp_path):
   workdir_ = tmp_path / 'run'
   workdir_.mkdir()
-  with workdir.lock(str(workdir_)):
+  with workdir.claim(str(workdir_)):
     out = cli(f'--config.workdir={workdir_}', *TINY, cwd=str(tmp_path))
   assert out.returncode != 0
   assert f"workdir='{workdir_}' is in use by another nanodo run (pid {os.getpid()}" in out.stderr

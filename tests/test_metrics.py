@@ -1,7 +1,6 @@
 """Metrics: JSON lines, TensorBoard, W&B, hyper-parameters, per-layer statistics, profiles;
 a resumed run logs each step once."""
 
-import dataclasses
 import glob
 import json
 import os
@@ -14,13 +13,22 @@ import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import data, metrics, train, tree, update, validate, workdir
+from nanodo import data, train
+from nanodo.ground import tree
+from nanodo.infra import metrics, validate
 from nanodo.model import TransformerDecoder
+from nanodo.step import StepConfig, loss_fn
+from nanodo.tools import trained
 
 TRAIN_KEYS = {'loss', 'target_tokens', 'learning_rate', 'grad_norm', 'update_norm', 'param_norm'}
 # The wall-clock rates: of every step but the first of a start (it compiles).
 RATE_KEYS = {'tokens_per_sec', 'target_tokens_per_sec', 'mfu'}
 EVAL_KEYS = {'eval_loss', 'eval_loss_stderr', 'eval_perplexity', 'eval_bits_per_byte'}
+
+
+def _writer(c, step: int) -> metrics.Writer:
+  """The metrics writer of the run c from step on."""
+  return metrics.Writer(c.workdir, step, c.to_dict(), c.wandb_project, c.wandb_entity)
 
 
 def _rows(workdir: str, name: str = 'metrics.jsonl') -> list[dict]:
@@ -92,7 +100,7 @@ def test_profile_steps_write_a_trace_to_the_workdir(tiny_run):
 
 def test_per_layer_statistics_of_a_run_match_its_checkpoint(tiny_run):
   [last] = [r for r in _rows(tiny_run) if r['step'] == 6 and 'loss' in r]
-  params = workdir.load(tiny_run, 6).params
+  params = trained.load(tiny_run, 6).params
   for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
     name, x = tree.path_str(path), np.asarray(x, np.float64)
     assert last[f'params/{name}/rms'] == pytest.approx(np.sqrt(np.mean(x**2)), rel=1e-5), name
@@ -109,15 +117,12 @@ def test_activation_statistics_leave_the_loss_unchanged():
   cfg = tiny_model_config()
   graphdef, params = nnx.split(TransformerDecoder(cfg, nnx.Rngs(0)))
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
-  forward = jax.jit(update.loss_fn, static_argnames=('graphdef', 'opts'))
+  forward = jax.jit(loss_fn, static_argnames=('graphdef', 'opts', 'internal'))
   batch, c = data.as_batch(x_BxL), tiny_config('/unused')
-  opts = update.StepConfig.of(c)
-  loss, (parts, _, _) = forward(params, graphdef=graphdef, batch=batch, opts=opts)
+  opts = StepConfig.of(c).loss
+  loss, (parts, _, _) = forward(params, graphdef=graphdef, batch=batch, opts=opts, internal=False)
   with_stats, (_, stats, _) = forward(
-    params,
-    graphdef=graphdef,
-    batch=batch,
-    opts=dataclasses.replace(opts, log_internal_metrics=True),
+    params, graphdef=graphdef, batch=batch, opts=opts, internal=True
   )
   assert set(parts) == {'loss'}
   assert float(with_stats) == pytest.approx(float(loss), rel=1e-6)
@@ -167,7 +172,7 @@ def test_wandb_run_logs_offline_and_a_resumed_run_continues_it(tmp_path, monkeyp
     records = f.read()
   for text in (b'eval_bits_per_byte', b'grad_norm', b'peak_learning_rate', b'git_commit'):
     assert text in records, text
-  metrics.Writer(c, step=2).close()  # a resumed run's writer
+  _writer(c, 2).close()  # a resumed run's writer
   runs = glob.glob(os.path.join(workdir, 'wandb', 'offline-run-*'))
   assert runs and all(r.endswith(f'-{run_id}') for r in runs)
 
@@ -178,7 +183,7 @@ def _steps(path) -> list[tuple[int, bool]]:
 
 
 def test_rows_after_the_restored_step_and_a_torn_line_are_dropped(tmp_path):
-  writer = metrics.Writer(tiny_config(str(tmp_path)), 0)
+  writer = _writer(tiny_config(str(tmp_path)), 0)
   for step in range(1, 8):
     writer.write(step, {'loss': 1.0 / step}, flush=False)
     if step % 3 == 0:
@@ -197,7 +202,7 @@ def test_rows_after_the_restored_step_and_a_torn_line_are_dropped(tmp_path):
     (6, True),
     (6, False),
   ]
-  writer = metrics.Writer(tiny_config(str(tmp_path)), 0)
+  writer = _writer(tiny_config(str(tmp_path)), 0)
   writer.write(7, {'loss': 0.5}, flush=False)
   writer.close()
   assert [s for s, is_train in _steps(tmp_path / 'metrics.jsonl') if is_train] == list(range(1, 8))
@@ -205,7 +210,7 @@ def test_rows_after_the_restored_step_and_a_torn_line_are_dropped(tmp_path):
 
 def test_dropping_nothing_leaves_the_file_alone(tmp_path):
   metrics.drop_rows_after(str(tmp_path), 3)  # no file yet
-  writer = metrics.Writer(tiny_config(str(tmp_path)), 0)
+  writer = _writer(tiny_config(str(tmp_path)), 0)
   writer.write(1, {'loss': 1.0}, flush=False)
   writer.close()
   before = (tmp_path / 'metrics.jsonl').stat()

@@ -1,6 +1,5 @@
 """Model, loss and optimizer options: each trains, keeps causality, restores and samples."""
 
-import dataclasses
 import itertools
 import json
 
@@ -12,8 +11,9 @@ import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import data, model, optimizer, sample, train, tree, update, workdir
+from nanodo import data, model, optimizer, step, train
 from nanodo.model import TransformerDecoder
+from nanodo.tools import sample, trained
 
 OPTIONS = [
   {'model.positions': 'rope'},
@@ -148,11 +148,12 @@ def test_label_smoothing_zero_is_cross_entropy_and_matches_optax():
   m = TransformerDecoder(tiny_model_config(), nnx.Rngs(0))
   graphdef, params = nnx.split(m)
   in_BxL = jax.random.randint(jax.random.key(3), (2, 16), 1, 97).at[1, 10:].set(0)
-  opts = update.StepConfig.of(tiny_config('/unused'))
-  objective, (parts, _, count) = update.loss_fn(params, graphdef, data.as_batch(in_BxL), opts)
+  opts = step.StepConfig.of(tiny_config('/unused')).loss
+  batch = data.as_batch(in_BxL)
+  objective, (parts, _, count) = step.loss_fn(params, graphdef, batch, opts, internal=False)
   assert float(objective) == float(parts['loss'])
-  opts = dataclasses.replace(opts, loss=opts.loss._replace(label_smoothing=0.2))
-  smoothed, (parts, _, count) = update.loss_fn(params, graphdef, data.as_batch(in_BxL), opts)
+  opts = opts._replace(label_smoothing=0.2)
+  smoothed, (parts, _, count) = step.loss_fn(params, graphdef, batch, opts, internal=False)
   smoothed /= count
   logits_TxV = m(in_BxL)[:, :-1].reshape(-1, 97)
   y_T = in_BxL[:, 1:].reshape(-1)
@@ -212,8 +213,8 @@ def test_checkpoints_of_options_restore_and_sample(tmp_path, options):
   train.train_and_evaluate(c)
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
     param_norm = [r['param_norm'] for r in map(json.loads, f) if 'param_norm' in r][-1]
-  restored = workdir.load(str(tmp_path))
-  assert float(tree.global_norm(restored.params)) == pytest.approx(param_norm, rel=1e-5)
+  restored = trained.load(str(tmp_path))
+  assert float(optax.tree.norm(restored.params)) == pytest.approx(param_norm, rel=1e-5)
   greedy = sample.Sampling(temperature=0.0)
   texts = sample.sample(restored, ['ROMEO:'], max_new_tokens=8, sampling=greedy)
   assert texts == sample.sample(restored, ['ROMEO:'], max_new_tokens=8, sampling=greedy)

@@ -7,8 +7,8 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from nanodo import metrics, peaks
-from nanodo.progress import Progress
+from nanodo.ground.console import Progress
+from nanodo.infra import metrics, peaks
 
 H100 = 'NVIDIA H100 80GB HBM3'  # the device kind of an H100 SXM
 
@@ -117,7 +117,8 @@ def test_the_step_logger_logs_the_peak_of_the_model_dtype_once(tmp_path, monkeyp
   c = tiny_config(str(tmp_path), peak_tflops=0.0)
   c.model.dtype = dtype
   with Progress(bar=False) as progress:
-    logger = metrics.StepLogger(c, 0, 1.0, progress)
+    writer = metrics.Writer(c.workdir, 0, c.to_dict())
+    logger = metrics.StepLogger(writer, progress, 0, 6, 1, 64, 1.0, c.peak_tflops, c.model.dtype)
     logger.close()
   assert logger.peak_flops == getattr(peaks.chip(H100), dtype) * 1e12 * 8
   [line] = [line for line in lines if line.startswith('MFU peak: ')]

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from nanodo import train
-
-plot = pytest.importorskip('nanodo.plot', reason='needs matplotlib')
+from nanodo.tools import plot  # matplotlib: the test extra has it
 
 
 def _png_size(path: str) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 import io
 import re
 
-from nanodo.progress import Progress
+from nanodo.ground.console import Progress
 
 
 class _Terminal(io.StringIO):

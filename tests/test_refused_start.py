@@ -7,10 +7,11 @@ import pathlib
 import pytest
 from conftest import tiny_config
 
-from nanodo import sources, train
+from nanodo import train
+from nanodo.corpora import builtin
 
 # A few hundred lines of a play, enough for some batches of the tiny model.
-PARAGRAPHS = [p for p in sources.shakespeare()[1][0].split('\n\n') if p][:300]
+PARAGRAPHS = [p for p in builtin.shakespeare()[1][0].split('\n\n') if p][:300]
 
 
 def _write_jsonl(path, docs, field='text') -> str:

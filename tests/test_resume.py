@@ -7,7 +7,9 @@ import re
 import pytest
 from conftest import VOCAB, cli, tiny_config
 
-from nanodo import sources, train, validate
+from nanodo import train
+from nanodo.corpora import builtin
+from nanodo.infra import validate
 
 
 def _losses(workdir: str) -> dict[int, float]:
@@ -129,7 +131,7 @@ def test_nan_stops_with_the_step_named_and_saves_nothing_over_the_good_checkpoin
 
 
 def test_trains_on_local_jsonl_files_and_a_resumed_run_reuses_the_token_cache(tmp_path, capsys):
-  plays = sources.shakespeare()[1]
+  plays = builtin.shakespeare()[1]
   for name, docs in (
     ('train', plays[0].split('\n\n')[:300]),
     ('eval', plays[1].split('\n\n')[:50]),

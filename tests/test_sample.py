@@ -11,13 +11,17 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
-from nanodo import sample, tokenizer, train, tree, workdir
+from nanodo import train
+from nanodo.corpora import tokenizer
 from nanodo.model import TransformerDecoder
-from nanodo.sample import init_cache
+from nanodo.tools import sample
+from nanodo.tools.sample import init_cache
+from nanodo.tools.trained import load as load_run
 
 GREEDY = sample.Sampling(temperature=0.0)
 NO_EOS = -1
@@ -165,14 +169,14 @@ def test_load_restores_the_trained_parameters_of_a_step(trained):
   with open(os.path.join(trained, 'metrics.jsonl'), encoding='utf-8') as f:
     param_norm = {r['step']: r['param_norm'] for r in map(json.loads, f) if 'param_norm' in r}
   for step in (1, None):
-    model = workdir.load(trained, step)
+    model = load_run(trained, step)
     assert model.step == (step or 2)
-    norm = float(tree.global_norm(model.params))
+    norm = float(optax.tree.norm(model.params))
     assert norm == pytest.approx(param_norm[model.step], rel=1e-5)
 
 
 def test_streamed_text_is_the_returned_text(trained):
-  model = workdir.load(trained)
+  model = load_run(trained)
   out = io.StringIO()
   kwargs = {'max_new_tokens': 12, 'sampling': sample.Sampling(1.0, top_k=50), 'num_samples': 2}
   texts = sample.sample(model, ['ROMEO:', 'O'], **kwargs, printer=sample.Printer(model.sp, out))
@@ -193,7 +197,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_command_line_prints_the_greedy_sample(trained):
   out = _cli(f'--workdir={trained}', '--prompt=ROMEO:', '--max_new_tokens=8', '--temperature=0')
   assert out.returncode == 0, out.stderr[-2000:]
-  text = sample.sample(workdir.load(trained), ['ROMEO:'], max_new_tokens=8, sampling=GREEDY)[0]
+  text = sample.sample(load_run(trained), ['ROMEO:'], max_new_tokens=8, sampling=GREEDY)[0]
   assert out.stdout == f'ROMEO:{text}\n'
   # Progress goes to stderr, plain off a terminal: the sample's count of new tokens.
   assert re.search(r'^sample 1/1 \| tokens [1-8] \| elapsed ', out.stderr, re.M), out.stderr

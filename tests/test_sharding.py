@@ -9,10 +9,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import VOCAB, tiny_config, tiny_model_config
+from conftest import VOCAB, tiny_config, tiny_model_config, tiny_steps
 from flax import nnx
 
-from nanodo import sharding, train, update
+from nanodo import sharding, train
 from nanodo.data import as_batch, global_batch
 from nanodo.model import TransformerDecoder
 
@@ -28,7 +28,7 @@ def train_steps(
   c = tiny_config('/unused', grad_accumulation_steps=grad_accumulation_steps)
   cfg = tiny_model_config(**model)
   mesh = sharding.make_mesh(data, fsdp)
-  run = update.setup(cfg, c, mesh)
+  run = tiny_steps(cfg, c, mesh)
   state, step_fn = run.state, run.train_step
   batch_sharding = sharding.batch_sharding(mesh)
   in_BxL = np.random.default_rng(0).integers(1, cfg.V, (B, cfg.L), dtype=np.int32)

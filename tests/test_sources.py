@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import VOCAB, tiny_config
 
-from nanodo import sources, token_cache, tokenizer
+from nanodo.corpora import builtin, sources, token_cache, tokenizer
 
 DOCS = [
   'To be, or not to be: that is the question.',
@@ -140,10 +140,10 @@ KINDS = ['text', 'paragraph', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'hf']
 @pytest.mark.parametrize('kind', KINDS)
 def test_every_source_reads_the_corpus_to_the_same_token_ids(tmp_path, kind, monkeypatch):
   c = _config(tmp_path, kind, monkeypatch)
-  sources.check(c)
+  sources.check(sources.Source.of(c))
   sp = tokenizer.load(VOCAB)
   for which, docs in (('train', DOCS), ('eval', HELD_OUT)):
-    split = sources.get_split(c, which)
+    split = sources.get_split(sources.Source.of(c), which)
     assert list(split.documents()) == docs
     tokens = token_cache.load(split, sp, str(tmp_path / 'cache'), workers=1)
     expected = [[sp.bos_id(), *ids, sp.eos_id()] for ids in sp.encode(docs)]
@@ -153,7 +153,7 @@ def test_every_source_reads_the_corpus_to_the_same_token_ids(tmp_path, kind, mon
 
 
 def test_shakespeare_split_holds_out_every_13th_play():
-  train_docs, eval_docs = sources.shakespeare()
+  train_docs, eval_docs = builtin.shakespeare()
   assert (len(train_docs), len(eval_docs)) == (35, 3)
   titles = [d.splitlines()[0] for d in eval_docs]
   assert titles == ["# A Midsummer Night's Dream", '# Henry VI, Part 2', '# Julius Caesar']
@@ -162,7 +162,7 @@ def test_shakespeare_split_holds_out_every_13th_play():
 
 
 def test_pystdlib_is_the_standard_library_with_a_split_fixed_by_path():
-  train_docs, eval_docs = sources.pystdlib()
+  train_docs, eval_docs = builtin.pystdlib()
   assert len(train_docs) > 500 and 0.02 < len(eval_docs) / len(train_docs) < 0.1
   assert not set(train_docs) & set(eval_docs)
   with open(os.__file__, encoding='utf-8') as f:
@@ -177,11 +177,11 @@ def test_a_file_that_is_not_utf8_is_named_or_skipped_and_counted(tmp_path, capsy
   c = _config(tmp_path, 'text', monkeypatch)
   with open(tmp_path / 'data' / 'train' / '01.txt', 'wb') as f:
     f.write('Ünïcödé'.encode('latin-1'))
-  split = sources.get_split(c, 'train')
+  split = sources.get_split(sources.Source.of(c), 'train')
   with pytest.raises(ValueError, match=r'01\.txt is not UTF-8 .*bad_utf8=skip'):
     list(split.documents())
   c.bad_utf8 = 'skip'
-  assert list(sources.get_split(c, 'train').documents()) == [DOCS[0], *DOCS[2:]]
+  assert list(sources.get_split(sources.Source.of(c), 'train').documents()) == [DOCS[0], *DOCS[2:]]
   assert 'Skipped 1 files that are not UTF-8' in capsys.readouterr().out
 
 
@@ -190,7 +190,7 @@ def test_a_missing_text_field_is_named_by_the_check_before_any_work(tmp_path, ki
   c = _config(tmp_path, kind, monkeypatch)
   c.text_field = 'body'
   with pytest.raises(ValueError, match=r"has no field text_field='body'; its fields: \[.*'text'"):
-    sources.check(c)
+    sources.check(sources.Source.of(c))
 
 
 def test_a_missing_hf_column_is_named_as_the_split_opens_before_any_document_is_read(
@@ -207,31 +207,32 @@ def test_a_missing_hf_column_is_named_as_the_split_opens_before_any_document_is_
     spies.append(mock.create_autospec(read, side_effect=read))
     monkeypatch.setattr(datasets.Dataset, name, spies[-1])
   with pytest.raises(ValueError, match=r"has no field text_field='body'; its fields: \[.*'text'"):
-    sources.get_split(c, 'train')
+    sources.get_split(sources.Source.of(c), 'train')
   assert not any(spy.called for spy in spies)
   # The spies do see reads: the same split with its real field is read through them.
   c.text_field = 'text'
-  assert list(sources.get_split(c, 'train').documents()) == DOCS
+  assert list(sources.get_split(sources.Source.of(c), 'train').documents()) == DOCS
   assert any(spy.called for spy in spies)
 
 
 def test_an_empty_glob_names_the_key(tmp_path):
   c = tiny_config(str(tmp_path), ds_name='parquet', train_split=str(tmp_path / '*.parquet'))
   with pytest.raises(ValueError, match=r"train_split='.*\*\.parquet' matches no file"):
-    sources.check(c)
+    sources.check(sources.Source.of(c))
 
 
 def test_a_missing_extra_says_how_to_install_it(tmp_path, monkeypatch):
   monkeypatch.setitem(sources.EXTRAS, 'tfds:', ('no_such_module_for_tfds', 'tfds'))
   c = tiny_config(str(tmp_path), ds_name='tfds:lm1b')
   with pytest.raises(ValueError, match=r"needs the tfds extra: pip install -e '\.\[tfds\]'"):
-    sources.check(c)
+    sources.check(sources.Source.of(c))
 
 
 def test_the_core_path_imports_no_optional_extra():
   code = (
-    'import sys; from nanodo import main, train, sources; from conftest import tiny_config; '
-    "sources.get_split(tiny_config('/unused'), 'eval'); "
+    'import sys; from nanodo import main, train; from nanodo.corpora import sources; '
+    'from conftest import tiny_config; '
+    "sources.get_split(sources.Source.of(tiny_config('/unused')), 'eval'); "
     "print([m for m in ('tensorflow_datasets', 'datasets', 'pyarrow') if m in sys.modules])"
   )
   out = subprocess.run(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import VOCAB
 
-from nanodo import sources, token_cache, tokenizer
+from nanodo.corpora import builtin, sources, token_cache, tokenizer
 
 DOCS = [
   'Now is the winter of our discontent',
@@ -43,13 +43,13 @@ def test_first_use_builds_the_cache_and_later_uses_only_read_it(tmp_path, capsys
   np.testing.assert_array_equal(again.offsets, built.offsets)
   names = sorted(os.listdir(tmp_path))  # three files, no temporary ones
   assert all(n.startswith('tiny-train-') for n in names)
-  assert [n.split('.', 1)[1] for n in names] == ['json', 'offsets.bin', 'tokens.bin']
+  assert [n.split('.', 1)[1] for n in names] == ['json', 'offsets.npy', 'tokens.npy']
 
 
 def test_a_changed_tokenizer_never_reads_the_old_tokens(tmp_path):
   sp = tokenizer.load(VOCAB)
   other = tokenizer.train(
-    [' '.join(DOCS) * 20, *sources.shakespeare()[1][:1]], 400, str(tmp_path / 'other.model')
+    [' '.join(DOCS) * 20, *builtin.shakespeare()[1][:1]], 400, str(tmp_path / 'other.model')
   )
   token_cache.load(_split(DOCS), sp, str(tmp_path / 'cache'), workers=1)
   tokens = token_cache.load(_split(DOCS), other, str(tmp_path / 'cache'), workers=1)
@@ -72,7 +72,7 @@ def test_a_corrupt_cache_is_named_and_rebuilt(tmp_path, capsys, damage):
   (path,) = (
     os.path.join(tmp_path, p)
     for p in os.listdir(tmp_path)
-    if p.endswith(f'{damage}.bin') or p.endswith(damage)
+    if p.endswith(f'{damage}.npy') or p.endswith(damage)
   )
   with open(path, 'r+b') as f:  # a cut-short file, as a full disk leaves it
     f.truncate(os.path.getsize(path) - 7)
@@ -87,17 +87,19 @@ def test_a_corrupt_cache_is_named_and_rebuilt(tmp_path, capsys, damage):
 def test_a_flipped_byte_of_the_right_size_is_caught_by_the_checksum(tmp_path, capsys, array):
   sp = tokenizer.load(VOCAB)
   built = token_cache.load(_split(DOCS), sp, str(tmp_path), workers=1)
-  (path,) = (os.path.join(tmp_path, p) for p in os.listdir(tmp_path) if p.endswith(f'{array}.bin'))
+  (path,) = (os.path.join(tmp_path, p) for p in os.listdir(tmp_path) if p.endswith(f'{array}.npy'))
   # The low byte of the second document's first id, or of where the second document starts:
   # the sizes and the offsets' order still agree with the metadata.
-  position = 2 * built.offsets[1] + 2 if array == 'tokens' else 8
+  data_bytes = built.ids.nbytes if array == 'tokens' else built.offsets.nbytes
+  header = os.path.getsize(path) - data_bytes  # the NumPy file's own header comes first
+  position = header + (2 * built.offsets[1] + 2 if array == 'tokens' else 8)
   with open(path, 'r+b') as f:
     f.seek(position)
     byte = f.read(1)[0]
     f.seek(position)
     f.write(bytes([byte ^ 1]))
   tokens = token_cache.load(_split(DOCS), sp, str(tmp_path), workers=1)
-  assert f'its {array}.bin does not match its checksum (corrupt); rebuilding it' in (
+  assert f'its {array}.npy does not match its checksum (corrupt); rebuilding it' in (
     capsys.readouterr().out
   )
   np.testing.assert_array_equal(tokens.ids, _expected(sp, DOCS))

@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 from conftest import VOCAB
 
-from nanodo import sources, tokenizer
+from nanodo.corpora import builtin, tokenizer
 
 TEXT = '**HAMLET**  \nTo be, or not to be: that is the question:  \n\n_Exit_ 1601 — ½ ünïcödé 🎭\n'
 
@@ -51,7 +51,7 @@ def test_a_tokenizer_with_a_dummy_prefix_converts_too_not_a_unigram_one(tmp_path
   transformers = pytest.importorskip('transformers', reason='needs transformers (the test extra)')
   kwargs = dict(vocab_size=400, byte_fallback=True, add_dummy_prefix=True, minloglevel=2)
   kwargs |= dict(normalization_rule_name='identity', remove_extra_whitespaces=False)
-  held_out = sources.shakespeare()[1]
+  held_out = builtin.shakespeare()[1]
   for kind in ('bpe', 'unigram'):
     kwargs |= dict(model_type=kind, model_prefix=str(tmp_path / kind))
     spm.SentencePieceTrainer.train(sentence_iterator=iter(held_out[1].splitlines()), **kwargs)

@@ -12,27 +12,18 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import VOCAB, tiny_config, tiny_model_config
+from conftest import VOCAB, tiny_config, tiny_model_config, tiny_steps
 from flax import nnx
 from ml_collections import ConfigDict
 
-from nanodo import (
-  checkpoint,
-  data,
-  metrics,
-  optimizer,
-  sharding,
-  sources,
-  tokenizer,
-  train,
-  update,
-  workdir,
-)
+from nanodo import data, optimizer, step, train
+from nanodo.corpora import inputs, sources, token_cache, tokenizer
+from nanodo.infra import checkpoint, metrics, workdir
 from nanodo.model import TransformerDecoder
 
 
 def _step_fn(c, cfg):
-  run = update.setup(cfg, c, sharding.make_mesh(1, -1))
+  run = tiny_steps(cfg, c)
   return run.state, run.train_step
 
 
@@ -76,9 +67,9 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
 def test_padding_targets_carry_no_loss(tmp_path):
   c = tiny_config(str(tmp_path))
   cfg = tiny_model_config()
-  run = update.setup(cfg, c, sharding.make_mesh(1, -1))
-  state, graphdef, opts = run.state, run.graphdef, update.StepConfig.of(c)
-  loss_fn = lambda batch: update.loss_fn(state['params'], graphdef, batch, opts)[0]
+  run = tiny_steps(cfg, c)
+  state, graphdef, opts = run.state, run.graphdef, step.StepConfig.of(c)
+  loss_fn = lambda batch: step.loss_fn(state['params'], graphdef, batch, opts.loss, False)[0]
   x_BxL = jax.random.randint(jax.random.key(0), (2, cfg.L), 1, cfg.V)
   padded = data.as_batch(x_BxL.at[:, 10:].set(0))
   loss = loss_fn(padded)
@@ -105,10 +96,9 @@ def test_weight_decay_skips_embeddings_and_scales(tmp_path):
 
 SHARDED = """
 import jax
-from conftest import VOCAB, tiny_config, tiny_model_config
-from nanodo import sharding, update
+from conftest import tiny_config, tiny_model_config, tiny_steps
 cfg = tiny_model_config(D=64, F=128, L=32)
-state = update.setup(cfg, tiny_config('/unused'), sharding.make_mesh(1, -1)).state
+state = tiny_steps(cfg, tiny_config('/unused')).state
 for name, x in [('wi', state['params']['blocks'][0]['mlp']['wi_DxF'][...]),
                 ('mu', state['opt_state'][1][0].mu['blocks'][0]['mlp']['wi_DxF'][...]),
                 ('embed', state['params']['embed_VxD'][...])]:
@@ -152,7 +142,7 @@ def timed_run(tmp_path_factory) -> tuple[ConfigDict, list[dict]]:
   """A 6-step run whose first step and checkpoint saves (steps 2, 4, 6) are slow: its rows."""
   c = tiny_config(str(tmp_path_factory.mktemp('timed')), peak_tflops=1e-3)
   c.checkpoint_every_steps = 2
-  setup, save = update.setup, checkpoint.save
+  setup, save = train.build_steps, checkpoint.save
   steps = []
 
   def slow_first_step(state, batch, *, step):
@@ -166,7 +156,7 @@ def timed_run(tmp_path_factory) -> tuple[ConfigDict, list[dict]]:
     return run._replace(train_step=functools.partial(slow_first_step, step=run.train_step))
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(update, 'setup', slow_setup)
+    mp.setattr(train, 'build_steps', slow_setup)
     mp.setattr(checkpoint, 'save', lambda *args: time.sleep(SAVE_SECONDS) or save(*args))
     train.train_and_evaluate(c)
   with open(os.path.join(c.workdir, workdir.METRICS), encoding='utf-8') as f:
@@ -197,7 +187,8 @@ def test_target_tokens_per_sec_counts_the_targets_of_the_step(timed_run):
   c, rows = timed_run
   # The run's batches again: the same data, seed and packing.
   sp = tokenizer.load(VOCAB)
-  tokens = data.load_tokens(sources.get_split(c, 'train'), sp, workdir.cache_dir(c), 1)
+  split = sources.get_split(sources.Source.of(c), 'train')
+  tokens = token_cache.load_shared(split, sp, workdir.cache_dir(c.cache_dir, c.workdir), 1)
   batches = iter(data.train_dataset(tokens, c.model.L, c.batch_size, c.seed, c.packing))
   for r, batch in zip(rows, batches, strict=False):
     targets = float(batch['weights'].sum())
@@ -227,11 +218,11 @@ def test_the_step_that_compiled_has_no_rate(timed_run):
 def test_a_workdir_tokenizer_of_another_size_is_not_reused_silently(tmp_path):
   shutil.copy(VOCAB, tmp_path / workdir.TOKENIZER)
   c = tiny_config(str(tmp_path), vocab_path='', vocab_size=2048)
+  found = workdir.tokenizer_path(c.vocab_path, c.workdir)
   with pytest.raises(
     ValueError,
     match=r'^vocab_size=2048 is not valid: .* holds a tokenizer of '
     r'1024 pieces; set vocab_size=1024\.',
   ):
-    workdir.get_tokenizer(c, [])
-  c.vocab_size = 1024
-  assert workdir.get_tokenizer(c, []).vocab_size() == 1024
+    inputs.get_tokenizer(found, c.vocab_size, False, found, split=None)
+  assert inputs.get_tokenizer(found, 1024, False, found, split=None).vocab_size() == 1024

@@ -7,8 +7,8 @@ import ml_collections
 import pytest
 from conftest import tiny_config
 
-from nanodo import validate, workdir
 from nanodo.configs import default, lm1b, ten_minutes
+from nanodo.infra import validate, workdir
 
 _MISSING = object()
 

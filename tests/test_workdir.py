@@ -8,23 +8,23 @@ import sys
 import pytest
 from conftest import tiny_config
 
-from nanodo import workdir
+from nanodo.infra import workdir
 
 HOLD = """
 import sys, time
-from nanodo import workdir
-with workdir.lock(sys.argv[1]):
+from nanodo.infra import workdir
+with workdir.claim(sys.argv[1]):
   print('locked', flush=True)
   time.sleep(600)
 """
 
 
 def test_a_second_lock_on_a_workdir_fails_at_once_naming_the_holder(tmp_path):
-  with workdir.lock(str(tmp_path)):
+  with workdir.claim(str(tmp_path)):
     with pytest.raises(ValueError, match=rf'is in use by another nanodo run \(pid {os.getpid()} '):
-      with workdir.lock(str(tmp_path)):
+      with workdir.claim(str(tmp_path)):
         pass
-  with workdir.lock(str(tmp_path)):  # free again once released
+  with workdir.claim(str(tmp_path)):  # free again once released
     pass
 
 
@@ -35,12 +35,12 @@ def test_the_lock_of_a_killed_process_is_free_at_once(tmp_path):
   try:
     assert p.stdout.readline() == 'locked\n'
     with pytest.raises(ValueError, match=rf'in use by another nanodo run \(pid {p.pid} '):
-      with workdir.lock(str(tmp_path)):
+      with workdir.claim(str(tmp_path)):
         pass
   finally:
     p.kill()
     p.wait()
-  with workdir.lock(str(tmp_path)):
+  with workdir.claim(str(tmp_path)):
     pass
 
 

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from nanodo.ground import files
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Sentences longer than this are split before training (SentencePiece drops them).
 _MAX_SENTENCE_BYTES = 4096
@@ -67,10 +69,7 @@ def train(texts: Iterable[str], vocab_size: int, path: str) -> spm.SentencePiece
     raise ValueError(
       f'vocab_size={vocab_size} is not valid for this corpus: {str(e).split("] ")[-1]}'
     ) from None
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
+  files.write_bytes(path, model.getvalue())
   return load(path)
 
 

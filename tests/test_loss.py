@@ -1,14 +1,17 @@
 """Blockwise cross-entropy: the loss and gradients of all the logits at once, without them."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanodo import cross_entropy
+from nanodo import loss, model
 
 B, L, D, V = 4, 12, 8, 37
-Opts = cross_entropy.Options
+Opts = loss.Options
+HEAD = functools.partial(model.logits, softcap=0.0)
 
 
 def _inputs(dtype=jnp.float32):
@@ -21,16 +24,16 @@ def _inputs(dtype=jnp.float32):
 
 
 def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z, cap=0.0):
-  """cross_entropy.losses of every logit at once, differentiated by autodiff."""
+  """loss.losses of every logit at once, differentiated by autodiff."""
   logits_TxV = jnp.einsum('BLD,VD->BLV', h_BxLxD.astype(jnp.float32), out_VxD).reshape(-1, V)
   if cap:
     logits_TxV = cap * jnp.tanh(logits_TxV / cap)
-  return cross_entropy.losses(
+  return loss.losses(
     logits_TxV,
     jax.nn.logsumexp(logits_TxV, axis=-1),
     y_BxL.reshape(-1),
     weights_BxL.reshape(-1),
-    Opts(s, z, True, 1, cap),
+    Opts(s, z, True, 1),
   )
 
 
@@ -41,9 +44,9 @@ def _all_logits(h_BxLxD, out_VxD, y_BxL, weights_BxL, s, z, cap=0.0):
 )
 def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z, cap):
   h, out, y, weights = _inputs()
-  blockwise = lambda h, out: cross_entropy.blockwise(
-    h, out, y, weights, Opts(s, z, True, block_size, cap)
-  )
+  # The model's head: its soft-cap, differentiated by the loss through the head's own VJP.
+  head = functools.partial(model.logits, softcap=cap)
+  blockwise = lambda h, out: loss.blockwise(head, h, out, y, weights, Opts(s, z, True, block_size))
   whole = lambda h, out: _all_logits(h, out, y, weights, s, z, cap)
   (objective, parts), grads = jax.value_and_grad(blockwise, (0, 1), has_aux=True)(h, out)
   (expected, expected_parts), expected_grads = jax.value_and_grad(whole, (0, 1), has_aux=True)(
@@ -69,9 +72,9 @@ def test_blockwise_equals_the_loss_and_gradients_of_all_logits(block_size, s, z,
 
 def test_padding_targets_get_no_gradient():
   h, out, y, weights = _inputs()
-  d_h = jax.grad(
-    lambda h: cross_entropy.blockwise(h, out, y, weights, Opts(0.1, 1e-3, False, 16))[0]
-  )(h)
+  d_h = jax.grad(lambda h: loss.blockwise(HEAD, h, out, y, weights, Opts(0.1, 1e-3, False, 16))[0])(
+    h
+  )
   assert not np.any(np.asarray(d_h)[np.asarray(weights) == 0])
   assert np.all(np.abs(np.asarray(d_h)[np.asarray(weights) == 1]).sum(-1) > 0)
 
@@ -80,7 +83,7 @@ def test_the_logits_of_all_tokens_never_exist_at_once():
   h, out, y, weights = _inputs()
   grad = jax.jit(
     jax.grad(
-      lambda h, out: cross_entropy.blockwise(h, out, y, weights, Opts(0.0, 0.0, False, 16))[0],
+      lambda h, out: loss.blockwise(HEAD, h, out, y, weights, Opts(0.0, 0.0, False, 16))[0],
       (0, 1),
     )
   )
@@ -93,6 +96,6 @@ def test_the_logits_of_all_tokens_never_exist_at_once():
 def test_the_gradient_keeps_the_dtype_of_the_hidden_states():
   h, out, y, weights = _inputs(jnp.bfloat16)
   d_h, d_out = jax.grad(
-    lambda h, out: cross_entropy.blockwise(h, out, y, weights, Opts(0.0, 0.0, False, 16))[0], (0, 1)
+    lambda h, out: loss.blockwise(HEAD, h, out, y, weights, Opts(0.0, 0.0, False, 16))[0], (0, 1)
   )(h, out)
   assert d_h.dtype == jnp.bfloat16 and d_out.dtype == jnp.float32

@@ -7,9 +7,13 @@ import re
 from collections.abc import Callable, Iterator
 
 import ml_collections
+from flax import traverse_util
 
-from nanodo import data, model, optimizer, sharding, sources, tokenizer, workdir
+from nanodo import data, model, optimizer, sharding
 from nanodo.configs import default
+from nanodo.corpora import sources, tokenizer
+from nanodo.ground import files
+from nanodo.infra import workdir
 
 DTYPES = ('float32', 'bfloat16')
 # Model keys that change only how the model computes, not its parameters.
@@ -52,12 +56,9 @@ def _reraise(check: Callable[..., object], *args: object) -> None:
     raise ConfigError(str(e)) from None
 
 
-def _flat(tree: dict, prefix: str = '') -> dict[str, object]:
+def _flat(tree: dict) -> dict[str, object]:
   """{'model.D': 128, ...} from nested dicts."""
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: v})
-  return out
+  return traverse_util.flatten_dict(tree, sep='.')
 
 
 def _one_of(value: object, valid: tuple) -> tuple[bool, str]:
@@ -69,9 +70,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   w, restore, m, o, d = c.workdir, c.checkpoint_restore_dir, c.model, c.opt, c.distributed
   yield 'workdir', w, 'give a directory, e.g. --config.workdir=/tmp/nanodo'
   yield 'workdir', not os.path.exists(w) or os.path.isdir(w), 'exists and is not a directory'
-  parent = os.path.abspath(w)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  parent = files.existing_parent(w)
   yield 'workdir', os.access(parent, os.W_OK | os.X_OK), f'{parent} is not writable'
   if c.vocab_path:
     _reraise(tokenizer.load, c.vocab_path)
@@ -182,7 +181,7 @@ def check_resume(c: ml_collections.ConfigDict) -> None:
     pinned = ['vocab_path', 'vocab_size']
   if previous is None:
     return
-  new, old = _flat(c.to_dict()), {**_flat(default.get_config().to_dict()), **_flat(previous)}
+  new, old = _flat(c.to_dict()), _flat(workdir.with_defaults(previous))
   keys = [k for k in new if k.startswith('model.') and k not in _COMPUTE_ONLY] + pinned
   changed = [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old.get(k) != new[k]]
   if changed:

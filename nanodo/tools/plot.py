@@ -9,14 +9,14 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nanodo.workdir import METRICS, run_config
+from nanodo.infra.workdir import METRICS, run_config
 
 # The image: inches at DPI dots per inch (1500 x 850 pixels).
 WIDTH, HEIGHT, DPI = 15.0, 8.5, 100
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class Curves:
   """One workdir's metrics: each key's steps and values, and the tokens of one step."""
 
   name: str
@@ -27,7 +27,7 @@ class Run:
     return self.series.get(key, (np.zeros(0), np.zeros(0)))
 
 
-def read_run(workdir: str, name: str) -> Run:
+def read_run(workdir: str, name: str) -> Curves:
   """A workdir's metrics; of a step logged twice (a resumed run repeats steps) the last wins."""
   path = os.path.join(workdir, METRICS)
   if os.path.isdir(workdir) and not os.path.exists(path):
@@ -48,7 +48,7 @@ def read_run(workdir: str, name: str) -> Run:
   series = {
     k: (np.asarray(sorted(v)), np.asarray([v[s] for s in sorted(v)])) for k, v in values.items()
   }
-  return Run(name, series, c.batch_size * c.model.L)
+  return Curves(name, series, c.batch_size * c.model.L)
 
 
 def _names(workdirs: list[str]) -> list[str]:

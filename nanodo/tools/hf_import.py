@@ -1,83 +1,23 @@
-"""Hugging Face model directories: a run exported to one; one imported as a run's step 0."""
+"""`hf_init_dir`: a Hugging Face model directory (GPT-2, Llama or Qwen3) as a run's step 0."""
 
+import dataclasses
 import json
 import os
-import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import sentencepiece as spm
-from flax import nnx
 
-from nanodo import hf_families, tokenizer, tree, workdir
 from nanodo.configs import default
-from nanodo.model import ModelConfig, TransformerDecoder
-from nanodo.tree import PyTree
+from nanodo.corpora import tokenizer
+from nanodo.ground import tree
+from nanodo.ground.tree import PyTree
+from nanodo.infra import workdir
+from nanodo.model import ModelConfig
+from nanodo.tools import hf_families
 
-_NEEDS = "needs the safetensors package: pip install 'nanodo[hf-models]'"
 # Tensors of some checkpoints that are no weights: causal masks, RoPE frequencies.
 _BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq')
-
-
-def _hf_shapes(cfg: ModelConfig, name: str) -> dict[str, tuple]:
-  """The shape of every tensor of a model cfg of the family name (no weights made)."""
-  abstract = tree.by_path(nnx.state(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0)))))
-  hf = jax.eval_shape(lambda p: hf_families.to_hf(cfg, name, p), abstract)
-  return {k: tuple(v.shape) for k, v in hf.items()}
-
-
-def _tokenizer_config(sp: spm.SentencePieceProcessor, L: int) -> dict:
-  """tokenizer_config.json: the special pieces; those in a text are text, as in SentencePiece."""
-  ids = {'bos': sp.bos_id(), 'eos': sp.eos_id(), 'unk': sp.unk_id(), 'pad': sp.pad_id()}
-  pieces = {f'{k}_token': sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
-  return {'tokenizer_class': 'PreTrainedTokenizerFast', **pieces, 'model_max_length': L} | {
-    'clean_up_tokenization_spaces': False,
-    'split_special_tokens': True,
-  }
-
-
-def export(path: str, out: str, step: int | None = None) -> str:
-  """Writes the run in path (a checkpoint; default: the latest) to out as a Hugging Face model.
-
-  Returns the family. out must be absent or empty: it is written beside it, then renamed when
-  whole, so that a failure leaves it as it was.
-  """
-  name = hf_families.family(workdir.run_config(path).model)
-  if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-    raise ValueError(f'out={out!r} exists and is not empty; give a new or empty directory.')
-  try:
-    from safetensors.numpy import save_file
-  except ImportError:
-    raise ValueError(f'nanodo export {_NEEDS}') from None
-  run = workdir.load(path, step)
-  vocab, sp = workdir.tokenizer_path(run.config), run.sp
-  config = hf_families.hf_config(run.cfg, name, sp)
-  files = {
-    'config.json': config,
-    'generation_config.json': {k: v for k, v in config.items() if k.endswith('_token_id')},
-    'tokenizer.json': tokenizer.hf_tokenizer(vocab),
-    'tokenizer_config.json': _tokenizer_config(sp, run.cfg.L),
-  }
-  tensors = hf_families.to_hf(run.cfg, name, tree.by_path(jax.device_get(run.params)))
-  # Contiguous: safetensors writes an array's memory as it lies, whatever its strides.
-  tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-  dest = os.path.abspath(out)
-  tmp = os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
-    for file, content in files.items():
-      with open(os.path.join(tmp, file), 'w', encoding='utf-8') as f:
-        json.dump(content, f, indent=2, ensure_ascii=False)
-    save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
-    shutil.copyfile(vocab, os.path.join(tmp, workdir.TOKENIZER))  # SentencePiece's own, for import
-    os.replace(tmp, dest)  # replaces an empty directory
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return name
 
 
 def _index(path: str, where: str, gpt2: bool) -> dict[str, tuple[str, str]]:
@@ -85,7 +25,7 @@ def _index(path: str, where: str, gpt2: bool) -> dict[str, tuple[str, str]]:
   try:
     from safetensors import safe_open
   except ImportError:
-    raise ValueError(f'hf_init_dir {_NEEDS}') from None
+    raise ValueError(f'hf_init_dir {hf_families.NEEDS}') from None
   files = ['model.safetensors']
   if os.path.isfile(os.path.join(path, 'model.safetensors.index.json')):
     with open(os.path.join(path, 'model.safetensors.index.json'), encoding='utf-8') as f:
@@ -96,7 +36,7 @@ def _index(path: str, where: str, gpt2: bool) -> dict[str, tuple[str, str]]:
   index = {}
   for file in files:
     try:
-      with safe_open(os.path.join(path, file), framework='flax') as f:
+      with safe_open(os.path.join(path, file), framework='numpy') as f:
         keys = list(f.keys())
     except Exception as e:  # safetensors' errors have no common base
       raise ValueError(f'{where}: {file} is unreadable ({e}).') from None
@@ -112,11 +52,11 @@ def _read(index: dict[str, tuple[str, str]], names: list[str], values: bool) -> 
 
   out = {}
   for file in sorted({index[k][0] for k in names}):
-    with safe_open(file, framework='flax') as f:
+    with safe_open(file, framework='numpy') as f:
       for k in [k for k in names if index[k][0] == file]:
         stored = index[k][1]
         if values:
-          out[k] = f.get_tensor(stored).astype(jnp.float32)
+          out[k] = f.get_tensor(stored).astype(np.float32)
         else:
           out[k] = tuple(f.get_slice(stored).get_shape())
   return out
@@ -140,7 +80,7 @@ def _merged(c: ml_collections.ConfigDict, keys: dict, where: str) -> ml_collecti
 
 def _check_tensors(cfg: ModelConfig, name: str, path: str, where: str) -> None:
   """ValueError unless path holds the tensors of cfg, and GPT-2's biases are zeros."""
-  expected, index = _hf_shapes(cfg, name), _index(path, where, name == 'gpt2')
+  expected, index = hf_families.hf_shapes(cfg, name), _index(path, where, name == 'gpt2')
   missing = [k for k in expected if k not in index]
   if missing:
     raise ValueError(f'{where} lacks {missing[0]}, which a {name} model of its config.json has.')
@@ -153,12 +93,12 @@ def _check_tensors(cfg: ModelConfig, name: str, path: str, where: str) -> None:
   if extra:
     raise ValueError(f'{where} holds {extra[0]}, which has no place in a nanodo model.')
   biases = _read(index, [k for k in expected if k.endswith('.bias')], values=True)
-  nonzero = [k for k, v in biases.items() if jnp.any(v != 0)]
+  nonzero = [k for k, v in biases.items() if np.any(v != 0)]
   if nonzero:
     raise ValueError(f'{where}: {nonzero[0]} is not zero, and nanodo has no biases.')
 
 
-def import_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """c with the model keys and vocab_size of the Hugging Face model in c.hf_init_dir, if any.
 
   A model key or vocab_size set away from its default must agree with that model; the others
@@ -192,16 +132,21 @@ def import_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return new
 
 
-def import_params(c: ml_collections.ConfigDict, params: PyTree) -> PyTree:
-  """params (for their tree and dtypes) holding the weights of c.hf_init_dir.
+def params(path: str, cfg: ModelConfig, like: PyTree) -> PyTree:
+  """The weights of the Hugging Face model in path, as parameters of like's tree and dtypes.
 
-  c is import_config's: its model keys are those of that directory's model.
+  cfg is that model's: the run's, once config() gave it that model's keys.
   """
-  cfg, name = ModelConfig(V=c.vocab_size, **c.model), hf_families.family(c.model)
-  index = _index(c.hf_init_dir, f'hf_init_dir={c.hf_init_dir!r}', name == 'gpt2')
-  tensors = _read(index, list(_hf_shapes(cfg, name)), values=True)
-  shapes = {k: v.shape for k, v in tree.by_path(params).items()}
+  name = hf_families.family(dataclasses.asdict(cfg))
+  index = _index(path, f'hf_init_dir={path!r}', name == 'gpt2')
+  tensors = _read(index, list(hf_families.hf_shapes(cfg, name)), values=True)
+  shapes = {k: v.shape for k, v in tree.by_path(like).items()}
   flat = hf_families.from_hf(cfg, name, tensors, shapes)
-  return jax.tree_util.tree_map_with_path(
-    lambda p, x: flat[tree.path_str(p)].astype(x.dtype), params
-  )
+  return jax.tree_util.tree_map_with_path(lambda p, x: flat[tree.path_str(p)].astype(x.dtype), like)
+
+
+def start(path: str, cfg: ModelConfig, state: PyTree, shardings: PyTree) -> tuple[PyTree, str]:
+  """state with params(path) as its parameters, and the line that says so."""
+  weights = jax.device_put(params(path, cfg, state['params']), shardings['params'])
+  # The optimizers' initial states hold zeros of the parameters' shapes, not their values.
+  return {**state, 'params': weights}, f'step 0 parameters: the weights of {path}'

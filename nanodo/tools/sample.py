@@ -12,11 +12,11 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from nanodo import tokenizer
+from nanodo.corpora import tokenizer
+from nanodo.ground.console import Progress
+from nanodo.ground.tree import PyTree
 from nanodo.model import LayerCache, ModelConfig, TransformerDecoder
-from nanodo.progress import Progress
-from nanodo.tree import PyTree
-from nanodo.workdir import Run
+from nanodo.tools.trained import Trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +169,7 @@ class Printer:
 
 
 def sample(
-  model: Run,
+  model: Trained,
   prompts: list[str],
   *,
   max_new_tokens: int,
@@ -186,14 +186,14 @@ def sample(
   prompt_BxP, length_B = pad_prompts(ids, model.cfg.L, max_new_tokens)
   keys_B = row_keys(seed, len(rows))
   kwargs = {'max_new_tokens': max_new_tokens, 'sampling': sampling, 'eos_id': model.sp.eos_id()}
-  run = partial(generate, model.graphdef, model.params, on_token=printer, **kwargs)
+  generate_rows = partial(generate, model.graphdef, model.params, on_token=printer, **kwargs)
   task = progress.add('sample', len(rows), every=1) if progress else None
   batches = [slice(b, b + 1) for b in range(len(rows))] if printer else [slice(None)]
   texts, tokens, first = [], [], 0.0
   for b, batch in enumerate(batches):
     if printer:
       printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', rows[b])
-    out_BxS = np.asarray(run(prompt_BxP[batch], length_B[batch], keys_B[batch]))
+    out_BxS = np.asarray(generate_rows(prompt_BxP[batch], length_B[batch], keys_B[batch]))
     texts += [to_text(model.sp, row) for row in out_BxS.tolist()]
     tokens.append(np.sum(out_BxS != tokenizer.PAD_ID))
     if printer:

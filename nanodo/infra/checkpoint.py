@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nanodo.progress import log
-from nanodo.tree import PyTree
+from nanodo.ground.console import log
+from nanodo.ground.tree import PyTree
 
 Manager = ocp.CheckpointManager
 DataIter = grain.DatasetIterator
@@ -91,11 +91,11 @@ def wait(mngr: Manager) -> None:
 
 
 @contextlib.contextmanager
-def closing(mngr: Manager) -> Iterator[Manager]:
-  """mngr, closed on the way out once the save in flight is done; SaveError if that failed.
-
-  A SaveError of that save supersedes another error that ends the body.
+def opened(directory: str, max_to_keep: int) -> Iterator[Manager]:
+  """A manager that writes, closed on the way out once the save in flight is done; SaveError if
+  that failed. A SaveError of that save supersedes another error that ends the body.
   """
+  mngr = manager(directory, max_to_keep)
   try:
     yield mngr
   except SaveError:
@@ -222,3 +222,21 @@ def _set_aside(path: str) -> str:
     dest, n = f'{path}.unreadable{n}', n + 1
   os.rename(path, dest)
   return dest
+
+
+def start(
+  mngr: Manager, state: PyTree, shardings: PyTree, data_iter: DataIter, restore_dir: str
+) -> tuple[PyTree, str]:
+  """The workdir's last checkpoint, else the last of restore_dir's workdir, else state as it is.
+
+  Also the line that says which checkpoint it is and where from; '' for state itself.
+  """
+  what = '(model, optimizer, data position)'
+  if mngr.latest_step() is not None:
+    restored = restore(mngr, state, shardings, data_iter)
+    return restored, f'resumed from checkpoint {int(restored["step"])} in {mngr.directory} {what}'
+  if not restore_dir:
+    return state, ''
+  with contextlib.closing(manager(os.path.join(restore_dir, 'checkpoints'))) as other:
+    restored = restore(other, state, shardings, data_iter, set_aside=False)
+    return restored, f'starting from checkpoint {int(restored["step"])} in {other.directory} {what}'

@@ -1,17 +1,15 @@
 """Token ids of a source split, written once to memory-mapped arrays and reused.
 
-A cache is three files named after the split and the tokenizer: `<name>.tokens.bin` (every
-document's ids, BOS and EOS included, one after another, as raw little-endian integers),
-`<name>.offsets.bin` (where each document starts, then the total; raw int64) and `<name>.json`
-(the source's and tokenizer's hashes, the dtype, the sizes, each array file's CRC-32). Raw
-arrays: nothing to unpickle. The JSON is written last, after the arrays are complete under their
-final names, so a cache with metadata is whole; a cache whose hashes, sizes or checksums
-disagree is rebuilt, never used.
+A cache is three files named after the split and the tokenizer: `<name>.tokens.npy` (every
+document's ids, BOS and EOS included, one after another), `<name>.offsets.npy` (where each
+document starts, then the total) and `<name>.json` (the source's and tokenizer's hashes, the
+sizes, each array file's CRC-32). The arrays are NumPy files read without pickles. The JSON is
+written last, after the arrays are complete under their final names, so a cache with metadata is
+whole; a cache whose hashes, sizes or checksums disagree is rebuilt, never used.
 """
 
 import collections
 import contextlib
-import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -21,27 +19,22 @@ import zlib
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 
+import jax
 import numpy as np
 import sentencepiece as spm
+from jax.experimental import multihost_utils
 
-from nanodo.progress import log
-from nanodo.sources import Split
+from nanodo.corpora.sources import Split
+from nanodo.data import Tokens
+from nanodo.ground import files
+from nanodo.ground.console import log
 
-FORMAT = 3  # 3: the arrays' checksums
-_ARRAYS = ('tokens.bin', 'offsets.bin')
+FORMAT = 4  # 3: the arrays' checksums; 4: NumPy files
+_ARRAYS = ('tokens.npy', 'offsets.npy')
 _CHUNK_BYTES = 1 << 24  # read at once when checksumming: constant memory for any size
 _TASK_BYTES = 1 << 20  # text sent to a worker at once
 _PROGRESS_SECONDS = 5.0
 Encoded = list[tuple[np.ndarray, int]]  # each document's ids and the UTF-8 size of its text
-
-
-@dataclasses.dataclass(frozen=True)
-class Tokens:
-  """A split's token ids, document after document; offsets[d] is where document d starts."""
-
-  ids: np.ndarray
-  offsets: np.ndarray
-  num_bytes: int  # UTF-8 bytes of the decoded documents, for bits per byte
 
 
 class CacheError(ValueError):
@@ -62,6 +55,17 @@ def load(split: Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: 
   return read(base, expected)
 
 
+def load_shared(
+  split: Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: int
+) -> Tokens:
+  """load, by every process of a run: process 0 builds the cache while the others wait."""
+  # Process 0 opens it once: opening verifies its checksums, which reads it whole.
+  tokens = load(split, sp, cache_dir, workers) if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'token cache of {split.name}')
+  return tokens or load(split, sp, cache_dir, workers)
+
+
 def read(base: str, expected: dict[str, object]) -> Tokens:
   """The cache at base, memory-mapped; CacheError unless it is whole and matches expected."""
   try:
@@ -70,8 +74,8 @@ def read(base: str, expected: dict[str, object]) -> Tokens:
     changed = [key for key, value in expected.items() if meta.get(key) != value]
     if changed:
       raise CacheError(f'its {changed[0]} changed')
-    ids = np.memmap(base + '.tokens.bin', np.dtype(meta['dtype']).newbyteorder('<'), mode='r')
-    offsets = np.fromfile(base + '.offsets.bin', '<i8')
+    ids = np.load(base + '.tokens.npy', mmap_mode='r', allow_pickle=False)
+    offsets = np.load(base + '.offsets.npy', allow_pickle=False)
     layout = ((meta['num_tokens'],), meta['dtype'], (meta['num_docs'] + 1,))
     crc32 = {name: meta['crc32'][name] for name in _ARRAYS}
   except KeyError as e:
@@ -155,37 +159,39 @@ def build(
   """Tokenizes every document of split into the cache at base; nothing is left half-written."""
   os.makedirs(os.path.dirname(base) or '.', exist_ok=True)
   dtype = np.dtype(np.uint16 if sp.vocab_size() <= 1 << 16 else np.int32)
-  tmp = f'{base}.tmp{os.getpid()}'
-  files = ('.tokens.bin', '.offsets.bin', '.json')
   start = last = time.time()
   offsets, num_bytes = [0], 0
   log(f'Building the token cache {base} with {workers} worker(s)...')
+  # Metadata goes last: until it is there, readers see no cache and build their own.
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(base + '.json')
+  # The ids go to a raw file as they come, then into a NumPy file once their number is known.
+  raw = f'{base}.raw{os.getpid()}'
   try:
-    with open(tmp + '.tokens.bin', 'wb') as f:
-      for group in encoded(split.documents(), sp, workers):
-        for ids, size in group:
-          f.write(ids.astype(dtype.newbyteorder('<')).tobytes())
-          offsets.append(offsets[-1] + len(ids))
-          num_bytes += size
-        if time.time() - last > _PROGRESS_SECONDS:
-          last = time.time()
-          rate = num_bytes / 1e6 / (last - start)
-          log(f'  {len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens, {rate:.1f} MB/s')
-    if len(offsets) == 1:
-      raise ValueError(f'{split.name} has no documents.')
-    np.asarray(offsets, '<i8').tofile(tmp + '.offsets.bin')
-    sizes = {'num_docs': len(offsets) - 1, 'num_tokens': offsets[-1], 'num_bytes': num_bytes}
-    crc32 = {name: _crc32(f'{tmp}.{name}') for name in _ARRAYS}
-    with open(tmp + '.json', 'w', encoding='utf-8') as f:
-      json.dump({**meta, 'dtype': dtype.name, **sizes, 'crc32': crc32}, f, indent=1)
-    # Metadata goes last: until it is there, readers see no cache and build their own.
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(base + '.json')
-    for suffix in files:  # '.json' last
-      os.replace(tmp + suffix, base + suffix)
+    with files.replaced(base + '.tokens.npy') as tokens:
+      with open(raw, 'wb') as f:
+        for group in encoded(split.documents(), sp, workers):
+          for ids, size in group:
+            f.write(ids.astype(dtype).tobytes())
+            offsets.append(offsets[-1] + len(ids))
+            num_bytes += size
+          if time.time() - last > _PROGRESS_SECONDS:
+            last = time.time()
+            rate = num_bytes / 1e6 / (last - start)
+            done = f'{len(offsets) - 1} documents, {offsets[-1] / 1e6:.1f}M tokens'
+            log(f'  {done}, {rate:.1f} MB/s')
+      if len(offsets) == 1:
+        raise ValueError(f'{split.name} has no documents.')
+      with open(tokens, 'wb') as f:
+        np.save(f, np.memmap(raw, dtype, mode='r'), allow_pickle=False)
   finally:
-    for suffix in files:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp + suffix)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(raw)
+  with files.replaced(base + '.offsets.npy') as tmp, open(tmp, 'wb') as f:
+    np.save(f, np.asarray(offsets, np.int64), allow_pickle=False)
+  sizes = {'num_docs': len(offsets) - 1, 'num_tokens': offsets[-1], 'num_bytes': num_bytes}
+  crc32 = {name: _crc32(f'{base}.{name}') for name in _ARRAYS}
+  content = {**meta, 'dtype': dtype.name, **sizes, 'crc32': crc32}
+  files.write_text(base + '.json', json.dumps(content, indent=1))
   seconds = time.time() - start
   log(f'Token cache {base}: {len(offsets) - 1} documents, {offsets[-1]} tokens in {seconds:.1f}s.')

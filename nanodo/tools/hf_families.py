@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import sentencepiece as spm
 
-from nanodo.model import ModelConfig
+from nanodo.ground import tree
+from nanodo.model import ModelConfig, abstract
 
+NEEDS = "needs the safetensors package: pip install 'nanodo[hf-models]'"
 # Each family's (positions, norm, mlp, qk_norm) and its transformers class.
 FAMILIES = {
   'gpt2': (('learned', 'layernorm', 'gelu', False), 'GPT2LMHeadModel'),
@@ -199,3 +201,9 @@ def from_hf(
   return {
     p: v[None] if None in v else jnp.stack([v[i] for i in sorted(v)]) for p, v in parts.items()
   }
+
+
+def hf_shapes(cfg: ModelConfig, name: str) -> dict[str, tuple]:
+  """The shape of every tensor of a model cfg of the family name (no weights made)."""
+  hf = jax.eval_shape(lambda p: to_hf(cfg, name, p), tree.by_path(abstract(cfg)[1]))
+  return {k: tuple(v.shape) for k, v in hf.items()}

@@ -6,7 +6,6 @@ the budget counted from the process's launch. The schedule is laid over that cou
 resumed run reads it back from workdir/budget.json: the same steps, the same learning rates.
 """
 
-import copy
 import dataclasses
 import json
 import math
@@ -16,13 +15,15 @@ from collections.abc import Callable
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from nanodo import data, update, workdir
-from nanodo.progress import log
-from nanodo.tree import PyTree
+from nanodo import data
+from nanodo.ground import files
+from nanodo.ground.console import log
+from nanodo.ground.tree import PyTree
+from nanodo.infra import workdir
+from nanodo.step import Steps
 
 # Steps timed after the compiling one; the budget's share kept for saves, logs and the machine's
 # speed drifting (keeping 2%, runs here ended up to 22 s past the budget).
@@ -124,11 +125,9 @@ def read(path: str) -> Decision | None:
 
 
 def write(path: str, decision: Decision) -> None:
-  """Keeps decision in the workdir at path, atomically."""
-  file = os.path.join(path, workdir.BUDGET)
-  with open(file + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(dataclasses.asdict(decision), f, indent=2)
-  os.replace(file + '.tmp', file)
+  """Keeps decision in the workdir at path, whole."""
+  text = json.dumps(dataclasses.asdict(decision), indent=2)
+  files.write_text(os.path.join(path, workdir.BUDGET), text)
 
 
 def describe(d: Decision, pinned: str = '') -> str:
@@ -139,34 +138,31 @@ def describe(d: Decision, pinned: str = '') -> str:
 
 
 def apply(
-  c: ml_collections.ConfigDict,
-  run: update.Setup,
+  path: str,
+  train_minutes: float,
+  eval_every: int,
+  steps: Steps,
   state: PyTree,
   batches: grain.DatasetIterator,
   eval_data: data.EvalData,
   batch_sharding: jax.sharding.NamedSharding,
-) -> tuple[ml_collections.ConfigDict, update.Setup]:
-  """c and its train step with the steps c.train_minutes buys: kept in the workdir, else timed.
+) -> int:
+  """The steps train_minutes buys: kept in the workdir at path, else timed and kept there.
 
-  Timing runs steps on a copy of state and a peek at the next batch: the run starts after.
+  Timing runs steps on a copy of state (the run's first) and a peek at the next batch.
   """
-  decision, kept = read(c.workdir), os.path.join(c.workdir, workdir.BUDGET)
+  decision, kept = read(path), os.path.join(path, workdir.BUDGET)
   if decision is None:
     position = batches.get_state()
     batch = next(batches)
     batches.set_state(position)
     # Each held-out batch is put on the devices as the evaluation goes.
     first = lambda: data.global_batch(eval_data.batches[0], batch_sharding)
-    evaluate_one = lambda: run.eval_step(state['params'], first())
+    evaluate_one = lambda: steps.eval_step(state['params'], first())
     n = len(eval_data.batches)
-    decision = decide(
-      c.train_minutes, c.eval_every_steps, run.train_step, state, batch, evaluate_one, n
-    )
+    decision = decide(train_minutes, eval_every, steps.train_step, state, batch, evaluate_one, n)
     if jax.process_index() == 0:
-      write(c.workdir, decision)
+      write(path, decision)
     kept = ''
   log(describe(decision, kept))
-  c = copy.deepcopy(c)
-  c.opt.num_train_steps = decision.num_train_steps
-  train_step = update.jit_train_step(run.graphdef, run.shardings, c, batch_sharding.mesh)
-  return c, run._replace(train_step=train_step)
+  return decision.num_train_steps

@@ -1,4 +1,4 @@
-"""Pytree helpers: parameter paths, norms and statistics of every array."""
+"""Pytree helpers: parameter paths and statistics of every array."""
 
 from typing import Any
 
@@ -16,11 +16,6 @@ def path_str(path: tuple) -> str:
 def by_path(tree: PyTree) -> dict[str, Any]:
   """{'blocks/0/attn/wq_DxHxK': leaf, ...} of a parameter tree."""
   return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def global_norm(tree: PyTree) -> jax.Array:
-  """L2 norm over every array of a pytree, in float32."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def stats(prefix: str, tree: PyTree) -> dict[str, jax.Array]:

@@ -13,9 +13,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanodo import cross_entropy, optimizer, sharding, tree
-from nanodo.model import ModelConfig, TransformerDecoder
-from nanodo.tree import PyTree
+from nanodo import loss, model, optimizer, sharding
+from nanodo.ground import tree
+from nanodo.ground.tree import PyTree
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -23,42 +23,44 @@ Metrics = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """How a step computes its loss and gradient, from the run config's keys of the same names."""
+  """How a step computes its loss and gradient: the run config's keys of the same names."""
 
-  loss: cross_entropy.Options  # label_smoothing, z_loss, cross_entropy_block_size, softcap
+  loss: loss.Options  # label_smoothing, z_loss, cross_entropy_block_size
   grad_accumulation_steps: int
   log_internal_metrics: bool  # per-layer statistics
 
   @classmethod
   def of(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
-    loss = cross_entropy.Options(
-      c.label_smoothing, c.z_loss, False, c.cross_entropy_block_size, c.model.logit_softcap
+    options = loss.Options(
+      label_smoothing=c.label_smoothing,
+      z_loss=c.z_loss,
+      squares=False,
+      block_size=c.cross_entropy_block_size,
     )
-    return cls(loss, c.grad_accumulation_steps, c.log_internal_metrics)
+    return cls(options, c.grad_accumulation_steps, c.log_internal_metrics)
 
 
 def loss_fn(
-  params: PyTree, graphdef: nnx.GraphDef, batch: Batch, opts: StepConfig
+  params: PyTree, graphdef: nnx.GraphDef, batch: Batch, opts: loss.Options, internal: bool
 ) -> tuple[jax.Array, tuple[Metrics, Metrics, jax.Array]]:
   """The objective summed over the batch's targets; its parts (sums), layer statistics, count.
 
-  The parts are those of cross_entropy.losses; the statistics those of every module's output
-  when opts.log_internal_metrics. The logits exist cross_entropy_block_size tokens at a time.
+  The parts are those of loss.losses; the statistics those of every module's output when
+  internal. The logits exist opts.block_size tokens at a time.
   """
-  model = nnx.merge(graphdef, params)
-  inputs, stats = (batch['x'], batch['segment_ids'], batch['positions']), {}
-  if opts.log_internal_metrics:
-    capture = nnx.capture(model.hidden, nnx.Intermediate, method_outputs=nnx.Intermediate)
+  decoder = nnx.merge(graphdef, params)
+  inputs = (batch['x'], batch['segment_ids'], batch['positions'])
+  stats = {}
+  if internal:
+    capture = nnx.capture(decoder.hidden, nnx.Intermediate, method_outputs=nnx.Intermediate)
     h_BxLxD, outputs = capture(*inputs)
     # All the logits at once, for their statistics only: the loss takes them a block at a time.
-    logits_BxLxV = jax.lax.stop_gradient(model.project(h_BxLxD))
+    logits_BxLxV = jax.lax.stop_gradient(decoder.project(h_BxLxD))
     stats = tree.stats('act', outputs) | tree.stats('act', {'output': logits_BxLxV})
   else:
-    h_BxLxD = model.hidden(*inputs)
-  y_BxL, weights_BxL = batch['y'], batch['weights']
-  objective, parts = cross_entropy.blockwise(
-    h_BxLxD, model.out_VxD(), y_BxL, weights_BxL, opts.loss
-  )
+    h_BxLxD = decoder.hidden(*inputs)
+  head, out_VxD = decoder.head()
+  objective, parts = loss.blockwise(head, h_BxLxD, out_VxD, batch['y'], batch['weights'], opts)
   return objective, (parts, stats, jnp.sum(batch['weights']))
 
 
@@ -78,10 +80,14 @@ def train_step(
   number of targets once: the mean over the whole batch. Layer statistics are means over the
   micro-batches.
   """
-  A, params = opts.grad_accumulation_steps, state['params']
+  A = opts.grad_accumulation_steps
+  params = state['params']
   # Micro-batch i takes rows i, i + A, i + 2A, ...: each device's rows stay on the device.
   micro = jax.tree.map(lambda v_BxL: v_BxL.reshape(-1, A, v_BxL.shape[1]).swapaxes(0, 1), batch)
-  sums_of = functools.partial(jax.grad(loss_fn, has_aux=True), graphdef=graphdef, opts=opts)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  sums_of = functools.partial(
+    grad_fn, graphdef=graphdef, opts=opts.loss, internal=opts.log_internal_metrics
+  )
   sums = sums_of(params, batch=jax.tree.map(lambda v: v[0], micro))
   if A > 1:
     add = lambda total, b: (jax.tree.map(jnp.add, total, sums_of(params, batch=b)), None)
@@ -96,9 +102,9 @@ def train_step(
   step_metrics |= {
     'target_tokens': target_tokens,  # the tokens of weight 1: the loss's targets
     'learning_rate': learning_rate,
-    'grad_norm': tree.global_norm(grads),
-    'update_norm': tree.global_norm(updates),
-    'param_norm': tree.global_norm(params),
+    'grad_norm': optax.tree.norm(grads),
+    'update_norm': optax.tree.norm(updates),
+    'param_norm': optax.tree.norm(params),
   }
   if opts.log_internal_metrics:
     # Updates without the learning rate's factor, as the original nanodo logged them.
@@ -108,20 +114,19 @@ def train_step(
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
 
 
-def eval_step(params: PyTree, batch: Batch, *, graphdef: nnx.GraphDef, opts: StepConfig) -> Metrics:
+def eval_step(params: PyTree, batch: Batch, *, graphdef: nnx.GraphDef, block_size: int) -> Metrics:
   """Sums over one batch of the held-out loss (the plain cross-entropy), its square, the count."""
-  loss = opts.loss._replace(label_smoothing=0.0, z_loss=0.0, squares=True)
-  plain = dataclasses.replace(opts, loss=loss, log_internal_metrics=False)
-  _, (parts, _, count) = loss_fn(params, graphdef, batch, plain)
+  opts = loss.Options(label_smoothing=0.0, z_loss=0.0, squares=True, block_size=block_size)
+  _, (parts, _, count) = loss_fn(params, graphdef, batch, opts, internal=False)
   return parts | {'count': count}
 
 
-def jit_eval_step(graphdef: nnx.GraphDef, opts: StepConfig) -> Callable[[PyTree, Batch], Metrics]:
+def jit_eval_step(graphdef: nnx.GraphDef, block_size: int) -> Callable[[PyTree, Batch], Metrics]:
   """eval_step jitted for a model graph."""
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef, opts=opts))
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef, block_size=block_size))
 
 
-class Setup(NamedTuple):
+class Steps(NamedTuple):
   """A run's sharded initial state and its jitted steps."""
 
   graphdef: nnx.GraphDef
@@ -131,35 +136,55 @@ class Setup(NamedTuple):
   eval_step: Callable[[PyTree, Batch], Metrics]
 
 
-def setup(cfg: ModelConfig, c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-  """The state of step 0 (seed c.seed) sharded over mesh, and the steps of run config c.
+def build_steps(
+  cfg: model.ModelConfig,
+  opts: StepConfig,
+  o: ml_collections.ConfigDict,
+  seed: int,
+  mesh: jax.sharding.Mesh,
+) -> Steps:
+  """The state of step 0 (seed) sharded over mesh, and the steps of the optimizer config o.
 
   train_step is jitted once with the state's shardings and its buffers donated; call it with the
   mesh in context (jax.set_mesh), so that the model splits activations along B. Its metrics come
   back replicated, so that every process can read them.
   """
-  tx = optimizer.get_optimizer(c.opt)
+  schedule = optimizer.get_schedule(o)
+  tx = optimizer.get_optimizer(o, schedule)
+  graphdef, _ = model.abstract(cfg)
 
   def init() -> PyTree:
-    params = nnx.state(TransformerDecoder(cfg, nnx.Rngs(c.seed)))
+    params = nnx.state(model.TransformerDecoder(cfg, nnx.Rngs(seed)))
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(c.seed))))
   shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
   state = jax.jit(init, out_shardings=shardings)()
-  train = jit_train_step(graphdef, shardings, c, mesh)
-  return Setup(graphdef, state, shardings, train, jit_eval_step(graphdef, StepConfig.of(c)))
+  train = jit_train_step(graphdef, shardings, mesh, tx, schedule, opts)
+  return Steps(graphdef, state, shardings, train, jit_eval_step(graphdef, opts.loss.block_size))
 
 
 def jit_train_step(
-  graphdef: nnx.GraphDef, shardings: PyTree, c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef,
+  shardings: PyTree,
+  mesh: jax.sharding.Mesh,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  opts: StepConfig,
 ) -> Callable[[PyTree, Batch], tuple[PyTree, Metrics]]:
   """train_step jitted with the state's shardings, its buffers donated; metrics replicated."""
-  tx, schedule = optimizer.get_optimizer(c.opt), optimizer.get_schedule(c.opt)
-  step = functools.partial(
-    train_step, graphdef=graphdef, tx=tx, schedule=schedule, opts=StepConfig.of(c)
-  )
-  batch, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+  train = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, opts=opts)
+  batch = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
   return jax.jit(
-    step, in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0
+    train, in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0
   )
+
+
+def rescheduled(
+  steps: Steps, o: ml_collections.ConfigDict, opts: StepConfig, mesh: jax.sharding.Mesh
+) -> Steps:
+  """steps with a train step for the schedule of o (a budget's step count); the state as it is."""
+  schedule = optimizer.get_schedule(o)
+  tx = optimizer.get_optimizer(o, schedule)
+  train = jit_train_step(steps.graphdef, steps.shardings, mesh, tx, schedule, opts)
+  return steps._replace(train_step=train)

@@ -12,13 +12,14 @@ import time
 import uuid
 
 import jax
-import ml_collections
 import numpy as np
 import tensorboardX
 
-from nanodo import peaks, workdir
-from nanodo.progress import Progress, fmt, log
-from nanodo.tree import PyTree, path_str
+from nanodo.ground import files
+from nanodo.ground.console import Progress, fmt, log
+from nanodo.ground.tree import PyTree, path_str
+from nanodo.infra import peaks, workdir
+from nanodo.model import ModelConfig
 
 EMBEDDINGS = r'^(embed_VxD|pos_LxD|head_DxV)$'
 PACKAGES = 'nanodo jax jaxlib flax optax orbax-checkpoint grain numpy sentencepiece'.split()
@@ -37,6 +38,18 @@ def model_flops_per_token(params: PyTree, D: int, L: int, N: int, V: int) -> flo
   # Attention counts all L positions (causal masking not discounted); the output projection
   # (tied or not) is the 6·D·V term; embedding lookups cost no FLOPs.
   return 6 * param_counts(params)['non_embedding'] + 12 * N * L * D + 6 * D * V
+
+
+def banner(params: PyTree, cfg: ModelConfig, data: str) -> None:
+  """The run's start-up lines: its parameters and shape, the devices, the data."""
+  n = {k: v / 1e6 for k, v in param_counts(params).items()}
+  sizes = f'{n["embedding"]:.2f}M embedding, {n["non_embedding"]:.2f}M non-embedding'
+  shape = f'D{cfg.D} H{cfg.H} N{cfg.N} F{cfg.F} L{cfg.L} V{cfg.V} {cfg.dtype}'
+  log(f'model: {n["all"]:.2f}M parameters ({sizes}); {shape}')
+  mesh = dict(jax.sharding.get_abstract_mesh().shape)  # the mesh in context
+  devices = f'{jax.device_count()} {jax.devices()[0].platform} device(s)'
+  log(f'mesh: {mesh} over {devices}, {jax.process_count()} process(es)')
+  log(f'data: {data}')
 
 
 def versions() -> dict[str, str]:
@@ -75,33 +88,33 @@ def drop_rows_after(workdir_path: str, step: int) -> None:
       if json.loads(line)['step'] <= step and line.endswith('\n'):
         kept.append(line)
   if kept != lines:
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
+    files.write_text(path, ''.join(kept))
 
 
 class Writer:
   """Writes each logged step's metrics to metrics.jsonl, TensorBoard and (if configured) W&B."""
 
-  def __init__(self, c: ml_collections.ConfigDict, step: int):
-    """Opens the sinks and records the hyper-parameters: config, package versions, git commit."""
+  def __init__(
+    self, path: str, step: int, config: dict, wandb_project: str = '', wandb_entity: str = ''
+  ):
+    """Opens the sinks in the workdir at path and records the hyper-parameters: the run's config,
+    package versions, git commit."""
     # Only process 0 writes: every process computes the same metrics.
     self.is_main = jax.process_index() == 0
     self._file = self._tb = self._wandb = None
     if not self.is_main:
       return
-    self._file = open(os.path.join(c.workdir, workdir.METRICS), 'a', encoding='utf-8')
+    self._file = open(os.path.join(path, workdir.METRICS), 'a', encoding='utf-8')
     # A resumed run's TensorBoard hides the events of steps after the restored one.
-    self._tb = tensorboardX.SummaryWriter(c.workdir, purge_step=step + 1 if step else None)
-    started, config = time.time(), json.loads(c.to_json_best_effort())
+    self._tb = tensorboardX.SummaryWriter(path, purge_step=step + 1 if step else None)
     hparams = {'config': config, 'versions': versions(), 'git_commit': git_commit()}
-    with open(os.path.join(c.workdir, workdir.HPARAMS), 'a', encoding='utf-8') as f:
-      f.write(json.dumps({'step': step, 'time': started, **hparams}) + '\n')
+    with open(os.path.join(path, workdir.HPARAMS), 'a', encoding='utf-8') as f:
+      f.write(json.dumps({'step': step, 'time': time.time(), **hparams}) + '\n')
     for key, value in hparams.items():
       self._tb.add_text(f'hparams/{key}', f'```\n{json.dumps(value, indent=2)}\n```', step)
     self._tb.flush()
-    if c.wandb_project:
-      self._wandb = _wandb_run(c, hparams)
+    if wandb_project:
+      self._wandb = _wandb_run(path, wandb_project, wandb_entity, hparams)
 
   def write(self, step: int, metrics: dict[str, float], flush: bool = True) -> None:
     """Writes metrics of one step; TensorBoard's events reach the disk when flush is set."""
@@ -125,22 +138,22 @@ class Writer:
       self._wandb.finish()
 
 
-def _wandb_run(c: ml_collections.ConfigDict, hparams: dict) -> object:
+def _wandb_run(path: str, project: str, entity: str, hparams: dict) -> object:
   """A W&B run named after the workdir; its id is kept there so that a resumed run continues it."""
   import wandb  # Only when configured: an optional dependency.
 
-  id_path = pathlib.Path(c.workdir, workdir.WANDB_ID)
+  id_path = pathlib.Path(path, workdir.WANDB_ID)
   if not id_path.exists():
     id_path.write_text(uuid.uuid4().hex[:12], encoding='utf-8')
   config = dict(hparams['config'], versions=hparams['versions'], git_commit=hparams['git_commit'])
   return wandb.init(
-    project=c.wandb_project,
-    entity=c.wandb_entity or None,
+    project=project,
+    entity=entity or None,
     config=config,
-    dir=c.workdir,
+    dir=path,
     id=id_path.read_text(encoding='utf-8').strip(),
     resume='allow',
-    name=os.path.basename(os.path.abspath(c.workdir)),
+    name=os.path.basename(os.path.abspath(path)),
   )
 
 
@@ -151,13 +164,28 @@ class StepLogger:
   CONSOLE = ('loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'target_tokens_per_sec', 'mfu')
 
   def __init__(
-    self, c: ml_collections.ConfigDict, step: int, flops_per_token: float, progress: Progress
+    self,
+    writer: Writer,
+    progress: Progress,
+    step: int,
+    num_steps: int,
+    log_every: int,
+    row_tokens: int,
+    flops_per_token: float,
+    peak_tflops: float,
+    dtype: str,
   ):
-    self.writer, self.progress, self.log_every = Writer(c, step), progress, c.log_every_steps
-    self.task = progress.add('step', c.opt.num_train_steps, step, c.log_every_steps)
-    self.row_tokens = c.batch_size * c.model.L
+    """Logs the steps after step (of num_steps) of row_tokens each, a line every log_every.
+
+    The MFU is measured against peak_tflops, or (0) the devices' peak for matmuls in dtype.
+    """
+    self.writer = writer
+    self.progress = progress
+    self.log_every = log_every
+    self.task = progress.add('step', num_steps, step, log_every)
+    self.row_tokens = row_tokens
     self.flops_per_token = flops_per_token
-    self.peak_flops, source = peaks.devices_peak(c.peak_tflops, c.model.dtype)
+    self.peak_flops, source = peaks.devices_peak(peak_tflops, dtype)
     log(f'MFU peak: {source}')
     self.pending: tuple[int, dict[str, jax.Array]] | None = None
     # The first step after a start compiles (or loads the compiled step): it gets no rates.
@@ -203,4 +231,5 @@ class StepLogger:
     self.restart_clock()
 
   def close(self) -> None:
+    self.progress.close()
     self.writer.close()

@@ -1,0 +1,1 @@
+"""Corpora: text sources, tokenizers, token caches, and the inputs of a run assembled from them."""

@@ -1,0 +1,59 @@
+"""`nanodo export`: a trained run as a Hugging Face model directory (GPT-2, Llama or Qwen3)."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import sentencepiece as spm
+
+from nanodo.corpora import tokenizer
+from nanodo.ground import files, tree
+from nanodo.infra import workdir
+from nanodo.tools import hf_families, trained
+
+
+def _tokenizer_config(sp: spm.SentencePieceProcessor, L: int) -> dict:
+  """tokenizer_config.json: the special pieces; those in a text are text, as in SentencePiece."""
+  ids = {'bos': sp.bos_id(), 'eos': sp.eos_id(), 'unk': sp.unk_id(), 'pad': sp.pad_id()}
+  pieces = {f'{k}_token': sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
+  return {'tokenizer_class': 'PreTrainedTokenizerFast', **pieces, 'model_max_length': L} | {
+    'clean_up_tokenization_spaces': False,
+    'split_special_tokens': True,
+  }
+
+
+def export(path: str, out: str, step: int | None = None) -> str:
+  """Writes the run in path (a checkpoint; default: the latest) to out as a Hugging Face model.
+
+  Returns the family. out must be absent or empty: it is written beside it, then renamed when
+  whole, so that a failure leaves it as it was.
+  """
+  name = hf_families.family(workdir.run_config(path).model)
+  if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    raise ValueError(f'out={out!r} exists and is not empty; give a new or empty directory.')
+  try:
+    from safetensors.numpy import save_file
+  except ImportError:
+    raise ValueError(f'nanodo export {hf_families.NEEDS}') from None
+  run = trained.load(path, step)
+  vocab, sp = trained.tokenizer_path(run.config), run.sp
+  config = hf_families.hf_config(run.cfg, name, sp)
+  texts = {
+    'config.json': config,
+    'generation_config.json': {k: v for k, v in config.items() if k.endswith('_token_id')},
+    'tokenizer.json': tokenizer.hf_tokenizer(vocab),
+    'tokenizer_config.json': _tokenizer_config(sp, run.cfg.L),
+  }
+  tensors = hf_families.to_hf(run.cfg, name, tree.by_path(jax.device_get(run.params)))
+  # Contiguous: safetensors writes an array's memory as it lies, whatever its strides.
+  tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  with files.replaced(out) as tmp:  # replaces an empty directory
+    os.makedirs(tmp)
+    for file, content in texts.items():
+      with open(os.path.join(tmp, file), 'w', encoding='utf-8') as f:
+        json.dump(content, f, indent=2, ensure_ascii=False)
+    save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    shutil.copyfile(vocab, os.path.join(tmp, workdir.TOKENIZER))  # SentencePiece's own, for import
+  return name

@@ -3,6 +3,9 @@
 import itertools
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import tiny_config
@@ -30,6 +33,16 @@ def _losses(path: str) -> dict[int, float]:
 
 def _budgeted(path: str, minutes: float) -> dict[str, float]:
   return train.train_and_evaluate(tiny_config(path, train_minutes=minutes, eval_batch_size=128))
+
+
+def test_the_launch_is_read_from_the_process_start_not_from_when_nanodo_loaded():
+  # The process sleeps before it imports nanodo: only /proc's start time is that early.
+  code = 'import time; time.sleep(2); from nanodo.infra import budget; print(budget.launched())'
+  spawned = time.time()
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  launched = float(out.stdout)
+  # Within the rounding of /proc's clock ticks; the import came 2 s later.
+  assert spawned - 1.0 < launched < spawned + 1.0
 
 
 def test_steps_within_counts_steps_and_evaluations():

@@ -8,16 +8,15 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from conftest import HF_RUNS, metric_rows, text_config, tiny_config
+from safetensors import numpy as safetensors_numpy
+from safetensors import torch as safetensors_torch
 
 from nanodo import train
 from nanodo.ground import tree
 from nanodo.infra import validate, workdir
 from nanodo.tools import hf_import, trained
-
-torch = pytest.importorskip('torch', reason='needs torch (the test extra) to run transformers')
-safetensors_numpy = pytest.importorskip('safetensors.numpy', reason='needs safetensors')
-safetensors_torch = pytest.importorskip('safetensors.torch', reason='needs safetensors')
 
 
 def test_an_import_reads_bfloat16_weights_in_shards(hf_exports, tmp_path):

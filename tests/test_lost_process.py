@@ -67,12 +67,28 @@ def lost(tmp_path_factory) -> dict:
 def test_when_a_process_is_lost_the_other_stops_within_the_heartbeat_timeout(lost):
   assert lost['waited'] < HEARTBEAT + MARGIN, f'process 0 ran on {lost["waited"]:.0f} s'
   assert lost['process_0'].returncode != 0
-  # JAX's own words, which the run named when the processes joined.
-  assert sharding.LOST_PROCESS in lost['err'], lost['err'][-3000:]
+  # JAX's own words: those nanodo quoted when the processes joined, and the rest of JAX's line.
+  assert (
+    sharding.LOST_PROCESS + '. This most likely indicates that another task died' in (lost['err'])
+  ), lost['err'][-3000:]
   said = f'2 processes joined; if one stops answering for {HEARTBEAT} s, JAX stops the rest'
   assert said in lost['out']
   assert sharding.LOST_PROCESS in lost['out']
   print(f'process 0 stopped {lost["waited"]:.1f} s after process 1 was killed')
+
+
+def test_restarting_both_resumes_two_steps_with_the_losses_of_an_unbroken_run(lost, tmp_path):
+  """The README's promise, short: both processes resumed for two steps beside an unbroken run."""
+  broken, unbroken = lost['workdir'], str(tmp_path / 'unbroken')
+  last = _checkpoints(broken)[-1]
+  # The same command on both processes, once process 0 has stopped too; the unbroken pair at once.
+  pairs = [_start(broken, lost['port'], last + 2), _start(unbroken, _free_port(), last + 2)]
+  resumed = _finish(*pairs[0])
+  _finish(*pairs[1])
+  assert f'starting at step {last} of {last + 2}' in resumed[0]
+  a, b = _losses(unbroken), _losses(broken)
+  assert sorted(b) == list(range(1, last + 3))
+  np.testing.assert_array_equal([b[s] for s in sorted(b)], [a[s] for s in sorted(b)])
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ def test_bad_input_fails_fast_with_one_clear_line_and_writes_nothing(tmp_path, o
   out = cli(f'--config.workdir={workdir}', *override.split(), cwd=str(tmp_path))
   assert out.returncode != 0
   assert message in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
   assert 'Traceback' not in out.stderr
   assert not workdir.exists()
 

@@ -5,13 +5,16 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import tiny_config, tiny_model_config
 from flax import nnx
+from tensorboard.backend.event_processing import event_accumulator
 
 from nanodo import data, train
 from nanodo.ground import tree
@@ -50,7 +53,6 @@ def test_jsonl_has_one_object_per_step_and_one_per_evaluation(tiny_run):
 
 
 def test_tensorboard_events_read_back_equal_the_jsonl(tiny_run):
-  event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
   events = event_accumulator.EventAccumulator(tiny_run, size_guidance={'scalars': 0, 'tensors': 0})
   events.Reload()
   logged_keys = {k for r in _rows(tiny_run) for k in r} - {'step', 'time'}
@@ -65,7 +67,6 @@ def test_tensorboard_events_read_back_equal_the_jsonl(tiny_run):
 
 
 def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
-  event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
 
   def steps(key):
     events = event_accumulator.EventAccumulator(c.workdir, size_guidance={'scalars': 0})
@@ -82,16 +83,31 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
   assert steps('eval_loss') == [6]
 
 
-def test_hyper_parameters_are_recorded_once_per_start(tiny_run):
-  [record] = _rows(tiny_run, 'hparams.jsonl')
-  with open(os.path.join(tiny_run, 'config.json'), encoding='utf-8') as f:
-    assert record['config'] == json.load(f)
-  assert record['step'] == 0
-  assert record['versions']['jax'] == jax.__version__
-  assert record['versions']['python'] == '.'.join(map(str, sys.version_info[:3]))
-  commit = metrics.git_commit()
-  assert record['git_commit'] == commit
-  assert commit is None or len(commit.removesuffix('+dirty')) == 40
+def _git(*args: str) -> str | None:
+  """git's output in nanodo's source tree; None outside a git checkout."""
+  out = subprocess.run(
+    ['git', *args], cwd=os.path.dirname(metrics.__file__), capture_output=True, text=True
+  )
+  return out.stdout.strip() if out.returncode == 0 else None
+
+
+def test_hyper_parameters_are_recorded_once_per_start(tmp_path):
+  c = tiny_config(str(tmp_path / 'run'), checkpoint_every_steps=3)
+  c.opt.num_train_steps = 3
+  train.train_and_evaluate(c)
+  c.opt.num_train_steps = 5  # a second start: resumed from step 3
+  train.train_and_evaluate(c)
+  records = _rows(c.workdir, 'hparams.jsonl')
+  assert [r['step'] for r in records] == [0, 3]
+  with open(os.path.join(c.workdir, 'config.json'), encoding='utf-8') as f:
+    assert records[-1]['config'] == json.load(f)
+  assert [r['config']['opt']['num_train_steps'] for r in records] == [3, 5]
+  for record in records:
+    assert record['versions']['jax'] == jax.__version__
+    assert record['versions']['python'] == '.'.join(map(str, sys.version_info[:3]))
+    head = _git('rev-parse', 'HEAD')  # None only outside a checkout, as a pip wheel installs
+    dirty = head and _git('status', '--porcelain', '--untracked-files=no')
+    assert record['git_commit'] == (head and head + ('+dirty' if dirty else ''))
 
 
 def test_profile_steps_write_a_trace_to_the_workdir(tiny_run):
@@ -155,7 +171,6 @@ def test_wandb_project_without_wandb_installed_is_refused(tmp_path, monkeypatch)
 
 
 def test_wandb_run_logs_offline_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
-  pytest.importorskip('wandb')
   for var in ('WANDB_DIR', 'WANDB_CACHE_DIR', 'WANDB_CONFIG_DIR', 'WANDB_DATA_DIR'):
     monkeypatch.setenv(var, str(tmp_path / 'wandb_home'))
   monkeypatch.setenv('WANDB_MODE', 'offline')
@@ -172,9 +187,14 @@ def test_wandb_run_logs_offline_and_a_resumed_run_continues_it(tmp_path, monkeyp
     records = f.read()
   for text in (b'eval_bits_per_byte', b'grad_norm', b'peak_learning_rate', b'git_commit'):
     assert text in records, text
-  _writer(c, 2).close()  # a resumed run's writer
-  runs = glob.glob(os.path.join(workdir, 'wandb', 'offline-run-*'))
-  assert runs and all(r.endswith(f'-{run_id}') for r in runs)
+  time.sleep(1.1)  # W&B names an offline run by the second it starts
+  c.opt.num_train_steps = 2  # resumed from step 1
+  train.train_and_evaluate(c)
+  runs = sorted(glob.glob(os.path.join(workdir, 'wandb', 'offline-run-*')))
+  assert len(runs) == 2 and all(r.endswith(f'-{run_id}') for r in runs)
+  [log] = glob.glob(os.path.join(runs[1], '*.wandb'))
+  with open(log, 'rb') as f:
+    assert b'grad_norm' in f.read()  # the resumed run logged its step to the same W&B run
 
 
 def _steps(path) -> list[tuple[int, bool]]:

@@ -1,5 +1,7 @@
 """Model properties: shapes, causality, tied embeddings, dtypes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,10 @@ def test_future_tokens_do_not_change_past_logits(remat):
   before, after = model(x_BxL), model(changed_BxL)
   np.testing.assert_array_equal(before[:, :t], after[:, :t])
   assert not np.allclose(before[:, t:], after[:, t:])
+  # remat took effect: the backward pass recomputes the blocks (a checkpoint in the jaxpr).
+  graphdef, params = nnx.split(model)
+  grad = jax.grad(lambda p: nnx.merge(graphdef, p)(x_BxL).sum())
+  assert bool(re.search(r' (remat2|checkpoint)\[', str(jax.make_jaxpr(grad)(params)))) == remat
 
 
 def test_shorter_input_uses_first_positions():

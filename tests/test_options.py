@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config, tiny_model_config
+from conftest import tiny_config, tiny_model_config, tiny_steps
 from flax import nnx
 
 from nanodo import data, model, optimizer, step, train
@@ -54,9 +54,21 @@ def _ids(options: dict) -> str:
   return ','.join(f'{k}={v}' for k, v in options.items())
 
 
+def _program(c) -> tuple[str, list[np.ndarray]]:
+  """The train step of run config c as it is compiled (lowered to StableHLO), and its start."""
+  steps = tiny_steps(model.ModelConfig(V=1024, **c.model), c)
+  batch = data.as_batch(np.ones((c.batch_size, c.model.L), np.int32))
+  start = [np.asarray(x) for x in jax.tree.leaves(steps.state)]
+  return steps.train_step.lower(steps.state, batch).as_text(), start
+
+
 @pytest.mark.parametrize('options', OPTIONS, ids=_ids)
 def test_each_option_trains_with_falling_loss(tmp_path, options):
   c = _config(str(tmp_path), options)
+  # The option reaches the run: its step's program or its initial state is not the default's.
+  (program, start), (default, default_start) = _program(c), _program(_config(str(tmp_path), {}))
+  same_start = len(start) == len(default_start) and all(map(np.array_equal, start, default_start))
+  assert program != default or not same_start
   train.train_and_evaluate(c)
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
     rows = [r for r in map(json.loads, f) if 'loss' in r]
@@ -134,14 +146,23 @@ def test_grouped_query_attention_equals_multi_head_with_shared_key_value_heads()
   assert kv_cache[0][0].size * 2 == mh_cache[0][0].size
 
 
-def test_dot_product_attention_gives_the_einsum_numbers():
+def test_dot_product_attention_gives_the_einsum_numbers(monkeypatch):
+  calls = []
+  fused = jax.nn.dot_product_attention
+  monkeypatch.setattr(
+    jax.nn, 'dot_product_attention', lambda *a, **k: calls.append(1) or fused(*a, **k)
+  )
   for KV in (0, 1):
     einsum = TransformerDecoder(tiny_model_config(KV=KV), nnx.Rngs(0))
     graphdef, params = nnx.split(
       TransformerDecoder(tiny_model_config(KV=KV, attention='dot_product_attention'), nnx.Rngs(0))
     )
     x_BxL = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
-    np.testing.assert_allclose(einsum(x_BxL), nnx.merge(graphdef, params)(x_BxL), atol=1e-5)
+    expected = einsum(x_BxL)
+    assert not calls  # the einsum path computed it
+    np.testing.assert_allclose(expected, nnx.merge(graphdef, params)(x_BxL), atol=1e-5)
+    assert len(calls) == 2  # jax.nn.dot_product_attention did, in each layer
+    calls.clear()
 
 
 def test_label_smoothing_zero_is_cross_entropy_and_matches_optax():

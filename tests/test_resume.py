@@ -25,15 +25,30 @@ def _run(workdir: str, num_steps: int) -> dict[str, float]:
   return train.train_and_evaluate(c)
 
 
-def test_restart_continues_from_the_checkpoint_with_the_same_data(tmp_path):
+def _bytes(workdir: str, name: str) -> bytes:
+  with open(os.path.join(workdir, name), 'rb') as f:
+    return f.read()
+
+
+def test_restart_continues_from_the_checkpoint_with_the_same_data(tmp_path, capsys):
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   _run(straight, 9)
   first = _run(interrupted, 6)
   assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == ['3', '6']
   assert first['bits_per_byte'] > 0
+  before = _bytes(interrupted, 'metrics.jsonl')
+  capsys.readouterr()
   _run(interrupted, 9)
+  # It started at the checkpoint, not from scratch: it says so, its start is recorded at step 6,
+  # and the rows the first run wrote stay as they were, byte for byte, before those of 7-9.
+  assert 'resumed from checkpoint 6 in' in capsys.readouterr().out
+  starts = [json.loads(line)['step'] for line in _bytes(interrupted, 'hparams.jsonl').splitlines()]
+  assert starts == [0, 6]
+  after = _bytes(interrupted, 'metrics.jsonl')
+  assert after.startswith(before)
+  assert [json.loads(line)['step'] for line in after[len(before) :].splitlines()] == [7, 8, 9, 9]
   a, b = _losses(straight), _losses(interrupted)
-  assert sorted(b) == list(range(1, 10))  # steps 7-9 only once: the run resumed at 6
+  assert sorted(b) == list(range(1, 10))
   assert a == b  # float32 on CPU: bit-identical
 
 

@@ -41,7 +41,7 @@ def _write_jsonl(path, docs):
 
 
 def _write_parquet(root, docs):
-  pa = pytest.importorskip('pyarrow', reason='the parquet extra (pyarrow) is not installed')
+  import pyarrow as pa  # the parquet extra, which the test extra includes
   import pyarrow.parquet as pq
 
   os.makedirs(root)
@@ -67,7 +67,7 @@ def _write_arrayrecord(root, docs):
 
 
 def _write_tfds(data_dir):
-  tfds = pytest.importorskip('tensorflow_datasets', reason='the tfds extra is not installed')
+  import tensorflow_datasets as tfds  # the tfds extra, which the test extra includes
 
   class TinyCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version('1.0.0')
@@ -126,7 +126,8 @@ def _config(tmp_path, kind, monkeypatch):
       ds_name='tfds:tiny_corpus', tfds_data_dir=str(d), train_split='train', eval_split='test'
     )
   elif kind == 'hf':
-    datasets = pytest.importorskip('datasets', reason='the hf extra is not installed')
+    import datasets  # the hf extra, which the test extra includes
+
     monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'hf_cache'))
     _write_jsonl(str(d / 'train.jsonl'), DOCS)
     _write_jsonl(str(d / 'test.jsonl'), HELD_OUT)

@@ -48,7 +48,8 @@ def test_a_vocabulary_too_large_for_the_corpus_is_a_clear_error(tmp_path):
 
 def test_a_tokenizer_with_a_dummy_prefix_converts_too_not_a_unigram_one(tmp_path):
   """Llama's kind: a '▁' before the text. (test_hf checks nanodo's own on the held-out plays.)"""
-  transformers = pytest.importorskip('transformers', reason='needs transformers (the test extra)')
+  import transformers  # the test extra
+
   kwargs = dict(vocab_size=400, byte_fallback=True, add_dummy_prefix=True, minloglevel=2)
   kwargs |= dict(normalization_rule_name='identity', remove_extra_whitespaces=False)
   held_out = builtin.shakespeare()[1]

@@ -5,7 +5,7 @@ import sys
 
 import grain
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from nanodo import data, sharding
@@ -145,8 +145,10 @@ def export_command(argv: list[str]) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; a config file or key that does not exist is one line, not a traceback."""
   try:
-    args = app.parse_flags_with_usage(argv)
+    args = flags.FLAGS(argv)
     _ = CONFIG.value  # loads the config file, which absl defers
+  except flags.Error as e:  # a value that does not parse: absl's own line, without its usage hint
+    sys.exit(f'error: {e}')
   except (AttributeError, KeyError) as e:
     # ml_collections names the missing key in its message: the only place it does.
     name = re.search(r'\w+', str(e))[0]

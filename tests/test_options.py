@@ -69,11 +69,15 @@ def test_each_option_trains_with_falling_loss(tmp_path, options):
   (program, start), (default, default_start) = _program(c), _program(_config(str(tmp_path), {}))
   same_start = len(start) == len(default_start) and all(map(np.array_equal, start, default_start))
   assert program != default or not same_start
+  c.log_internal_metrics = True
   train.train_and_evaluate(c)
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
     rows = [r for r in map(json.loads, f) if 'loss' in r]
   losses = [r['loss'] for r in rows]
   assert np.mean(losses[-3:]) < losses[0] - 0.3, losses
+  # Every parameter takes part: one the option added but left unused would get no gradient.
+  grads = {k: v for k, v in rows[-1].items() if k.startswith('grads/') and k.endswith('/rms')}
+  assert len(grads) >= 10 and all(v > 0 for v in grads.values()), grads
   if 'label_smoothing' in options:
     assert rows[-1]['smoothed_loss'] > rows[-1]['loss']  # a trained model is sharper than uniform
   if 'z_loss' in options:

@@ -1,27 +1,29 @@
-"""Train-step speed against this machine's matmul ceiling.
+"""Train-step speed against this machine's matmul ceiling, malloc settings alternated.
 
-  python benchmarks/train_throughput.py [--dtype=bfloat16] [--steps=20] [--configs=S,M,default]
-      [--profile] [--malloc=default]
+  python benchmarks/train_throughput.py [--configs=S,default,M] [--malloc=shipped,glibc]
+      [--alternations=5] [--steps=20] [--dtype=float32] [--profile] [--first-step]
 
-Prints the ceiling (GFLOP/s of a jitted square matmul in --dtype, timed over 0.5 s), then for
-each config (S and M, and the model of configs/default.py):
-ms/step, tokens/s, model GFLOP/s and its fraction of the ceiling, peak RSS, and the time from
-launch to the end of the first step of `nanodo` on the default config (a fresh workdir: tokenizer
-training and compiling included; then again in the same workdir, as a resumed run sees it).
-The step is the one `nanodo` trains with (optimizer and metrics included) on random token ids,
-with malloc set as `nanodo` sets it (--malloc=default: glibc's defaults).
+Prints the CPU (its model, and whether it has AVX-512), then runs every malloc setting in a
+process of its own (malloc is set before JAX starts), one after another, --alternations times:
+the machine's speed drifts, so settings are only compared within one alternation. Each process
+prints the ceiling (GFLOP/s of a jitted 1024² matmul in --dtype, timed over 0.5 s) before and
+after its configs, and for each config (S and M, and the model of configs/default.py): the
+median ms/step, tokens/s, the fraction of the ceiling reached, the page faults per step, and the
+process's peak RSS. Then the medians over alternations, with their spread and their ratio to
+glibc's defaults.
+
+The step is the one `nanodo` trains with (optimizer and metrics included) on random token ids.
 Model FLOPs per step = 6·P·T + 12·N·L·D·T + 6·D·V·T (P: non-embedding parameters, T: tokens).
+Malloc settings: shipped (what `nanodo` sets: nanodo/infra/host.py), glibc (its defaults), and
+no-mmap, one-arena, arenas-2 (glibc's MALLOC_ environment variables).
 
 With --profile, each config's step is also traced with jax.profiler, and its wall time split by
-kind of compiled kernel (matmuls of the dense layers and logits, attention's batched matmuls,
-layout copies, the rest of the forward and backward, the optimizer and metrics), with the fraction
-of the ceiling the step would reach if only the matmuls ran.
+kind of compiled kernel; the line ends with the step's time over its kernels' sum. With
+--first-step, the time from launch to the end of the first step of `nanodo` on the default
+config (a fresh workdir, tokenizer training and compiling included; then resumed).
 """
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import os
 import re
@@ -32,141 +34,114 @@ import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
 
-from nanodo import data, sharding, train
-from nanodo.configs import default
-from nanodo.infra import host, metrics, peaks
-from nanodo.model import ModelConfig
-from nanodo.step import StepConfig, build_steps
-
-C = default.get_config()
-CONFIGS = {
-  'S': (ModelConfig(V=84, **{**C.model, 'L': 64, 'D': 128, 'H': 4, 'N': 4, 'F': 512}), 12),
-  'M': (ModelConfig(V=8192, **{**C.model, 'L': 256, 'D': 512, 'H': 8, 'N': 6, 'F': 2048}), 8),
-  # configs/default.py's model, with the tokenizer it trains.
-  'default': (ModelConfig(V=C.vocab_size, **C.model), C.batch_size),
+BIG = str(2**31 - 1)
+MALLOC = {
+  'shipped': {},
+  'glibc': {},
+  'no-mmap': {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': BIG},
+  'one-arena': {'MALLOC_ARENA_MAX': '1'},
+  'arenas-2': {'MALLOC_ARENA_MAX': '2', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': BIG},
 }
+STEPS = {'S': 1.0, 'default': 0.5, 'M': 0.25}  # fractions of --steps: M's steps take seconds
 
 
-def kernel_kinds(hlo: str) -> dict[str, str]:
-  """The kind of each kernel of a compiled step, by name, read from its optimized HLO text."""
-  bodies, name = collections.defaultdict(str), ''
-  for line in hlo.splitlines():  # the text of each computation, by name
-    if line and not line.startswith((' ', '}')):
-      name = line.removeprefix('ENTRY ').lstrip('%').split(' ')[0]
-    bodies[name] += line + '\n'
-  kinds = {}
-  # Kernels run from the entry computation and from loop bodies (scans); loops and calls
-  # themselves are not kernels, and a fusion's own instructions are not either.
-  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w\-]*)\(.*$', hlo, re.M):
-    if m.group(2) in (
-      'while',
-      'call',
-      'conditional',
-      'parameter',
-      'constant',
-      'tuple',
-      'get-tuple-element',
-      'bitcast',
-    ):
-      continue
-    called = re.search(r'calls=%?([\w.\-]+)', m.group(0))
-    text = m.group(0) + (bodies[called.group(1)] if called else '')
-    if ' dot(' in text or ' convolution(' in text:
-      batched = 'lhs_batch_dims' in text
-      kinds[m.group(1)] = 'matmul: attention' if batched else 'matmul: dense, logits'
-    elif 'jvp(' not in m.group(0):
-      kinds[m.group(1)] = 'optimizer, metrics'
-    elif re.search(r' (copy|transpose|pad)\(', text):
-      kinds[m.group(1)] = 'layout copies'
-    else:
-      kinds[m.group(1)] = 'other forward, backward'
-  return kinds
+def cpu() -> str:
+  """The CPU's model name and whether it has AVX-512."""
+  with open('/proc/cpuinfo', encoding='utf-8') as f:
+    info = f.read()
+  name = re.search(r'^model name\s*:\s*(.*)$', info, re.M)
+  avx512 = 'with AVX-512' if re.search(r'\bavx512f\b', info) else 'without AVX-512 (AVX2 only)'
+  return f'{name[1] if name else "unknown CPU"}, {os.cpu_count()} cores, {avx512}'
 
 
-def profile(
-  compiled: jax.stages.Compiled, state: dict, batch: dict, steps: int
-) -> dict[str, float]:
-  """Wall ms per step of each kind of kernel, from a jax.profiler trace of the compiled step.
+def bench(cfg, batch_size: int, steps: int, with_profile: bool) -> dict:
+  """Median step time of nanodo's jitted train step after two warm-up steps; page faults."""
+  import jax
+  import step_profile
 
-  Kernels that run at the same time share that time equally.
-  """
-  kinds = kernel_kinds(compiled.as_text())
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    for _ in range(steps):
-      state, m = compiled(state, batch)
-      jax.block_until_ready(m)
-    jax.profiler.stop_trace()
-    with gzip.open(glob.glob(f'{trace_dir}/**/*.trace.json.gz', recursive=True)[0]) as f:
-      events = json.load(f)['traceEvents']
-  edges = sorted(
-    (t, start, i)
-    for i, e in enumerate(events)
-    if e.get('ph') == 'X' and e.get('name') in kinds
-    for t, start in ((e['ts'], 1), (e['ts'] + e['dur'], 0))
-  )
-  running, last, ms = set(), 0.0, collections.Counter()
-  for t, start, i in edges:
-    for j in running:
-      ms[kinds[events[j]['name']]] += (t - last) / len(running) / 1e3 / steps
-    last = t
-    (running.add if start else running.discard)(i)
-  return dict(ms)
+  from nanodo import data, sharding
+  from nanodo.configs import default
+  from nanodo.infra import metrics
+  from nanodo.step import StepConfig, build_steps
 
-
-def bench(
-  cfg: ModelConfig, batch_size: int, steps: int, with_profile: bool = False
-) -> dict[str, float]:
-  """Median step time of nanodo's jitted train step, after two warm-up steps."""
+  c = default.get_config()
   mesh = sharding.make_mesh(1, -1)
-  run = build_steps(cfg, StepConfig.of(C), C.opt, C.seed, mesh)
+  run = build_steps(cfg, StepConfig.of(c), c.opt, c.seed, mesh)
   state, step_fn = run.state, run.train_step
   flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
   rng = np.random.default_rng(0)
-  batches = [
-    data.as_batch(rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32)) for _ in range(4)
-  ]
+  ids = [rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32) for _ in range(4)]
+  batches = [data.as_batch(x) for x in ids]
   with jax.set_mesh(mesh):  # the model splits activations along B over the mesh
-    state, m = step_fn(state, batches[0])
-    jax.block_until_ready(m)
-    state, m = step_fn(state, batches[1])
-    jax.block_until_ready(m)
-    times = []
+    for b in batches[:2]:
+      state, m = step_fn(state, b)
+      jax.block_until_ready(m)
+    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for i in range(steps):
       t = time.perf_counter()
       state, m = step_fn(state, batches[i % len(batches)])
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     kernels = {}
     if with_profile:
-      kernels = profile(
-        step_fn.lower(state, batches[0]).compile(), state, batches[0], max(3, steps // 4)
-      )
-  tokens = batch_size * cfg.L
+      compiled = step_fn.lower(state, batches[0]).compile()
+      kernels = step_profile.profile(compiled, state, batches[0], max(3, steps // 4))
   seconds = statistics.median(times)
+  tokens = batch_size * cfg.L
   return {
-    'ms_per_step': 1e3 * seconds,
+    'ms': 1e3 * seconds,
     'tokens_per_s': tokens / seconds,
     'gflops': flops_per_token * tokens / seconds / 1e9,
+    'faults_per_step': faults / steps,
     'kernels': kernels,
-    'model_gflop': flops_per_token * tokens / 1e9,
   }
+
+
+def child(args: argparse.Namespace) -> None:
+  """One process: a malloc setting, the ceiling, each config; one JSON line."""
+  from nanodo.infra import host
+
+  if args.child == 'shipped':
+    host.reuse_freed_memory()
+  from nanodo.configs import default
+  from nanodo.infra import peaks
+  from nanodo.model import ModelConfig
+
+  C = default.get_config()
+  configs = {
+    'S': (ModelConfig(V=84, **{**C.model, 'L': 64, 'D': 128, 'H': 4, 'N': 4, 'F': 512}), 12),
+    'M': (ModelConfig(V=8192, **{**C.model, 'L': 256, 'D': 512, 'H': 8, 'N': 6, 'F': 2048}), 8),
+    # configs/default.py's model, with the tokenizer it trains.
+    'default': (ModelConfig(V=C.vocab_size, **C.model), C.batch_size),
+  }
+  out = {'ceiling': [peaks.matmul_flops_per_sec(args.dtype)[0] / 1e9]}
+  for name in args.configs.split(','):
+    cfg, batch_size = configs[name]
+    cfg = ModelConfig(**{**cfg.__dict__, 'dtype': args.dtype})
+    steps = max(3, round(args.steps * STEPS[name]))
+    out[name] = bench(cfg, batch_size, steps, args.profile)
+  out['ceiling'].append(peaks.matmul_flops_per_sec(args.dtype)[0] / 1e9)
+  out['rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print(json.dumps(out), flush=True)
+
+
+def _spawn(setting: str, argv: list[str]) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')} | MALLOC[setting]
+  cmd = [sys.executable, __file__, f'--child={setting}', *argv]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def seconds_to_first_step(workdir: str) -> float:
   """Wall time from launching `nanodo` on the default config until it logs step 1."""
-  main_py = os.path.join(os.path.dirname(train.__file__), 'main.py')
-  config_py = os.path.join(os.path.dirname(train.__file__), 'configs', 'default.py')
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'nanodo')
+  main_py, config_py = os.path.join(root, 'main.py'), os.path.join(root, 'configs', 'default.py')
   start = time.time()
-  proc = subprocess.Popen(
-    [sys.executable, main_py, f'--config={config_py}', f'--config.workdir={workdir}'],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
+  cmd = [sys.executable, main_py, f'--config={config_py}', f'--config.workdir={workdir}']
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:
     if re.match(r'step\s+1\b', line):
       seconds = time.time() - start
@@ -176,57 +151,68 @@ def seconds_to_first_step(workdir: str) -> float:
   raise RuntimeError(f'nanodo exited with {proc.wait()} before step 1.')
 
 
+def _summary(runs: dict[str, list[dict]], configs: list[str], profile: bool) -> None:
+  """Each setting's median over alternations, its spread, its ratio to glibc's median."""
+  median = lambda setting, name: statistics.median(r[name]['ms'] for r in runs[setting])
+  print(f'\n{"setting":10} {"config":8} {"median ms":>10} {"spread":>17} {"ceiling":>8} ', end='')
+  print(f'{"faults/step":>12} {"vs glibc":>9}')
+  for setting, rows in runs.items():
+    for name in configs:
+      ms = [r[name]['ms'] for r in rows]
+      fraction = statistics.median(r[name]['gflops'] / np.mean(r['ceiling']) for r in rows)
+      faults = statistics.median(r[name]['faults_per_step'] for r in rows)
+      ratio = median(setting, name) / median('glibc', name) if 'glibc' in runs else float('nan')
+      spread = f'{min(ms):.1f}-{max(ms):.1f}'
+      print(
+        f'{setting:10} {name:8} {median(setting, name):10.1f} {spread:>17} {fraction:8.2f} ', end=''
+      )
+      print(f'{faults:12.0f} {ratio:9.2f}')
+      if profile:
+        kernels = rows[-1][name]['kernels']
+        parts = ', '.join(f'{k} {v:.1f}' for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
+        total = sum(kernels.values())
+        print(
+          f'  kernels {total:.1f} ms ({parts}); the step is {rows[-1][name]["ms"] / total:.2f}x'
+        )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--configs', default='S,M,default')
-  parser.add_argument(
-    '--profile', action='store_true', help="also split each step's time by kind of kernel"
-  )
-  parser.add_argument(
-    '--malloc',
-    default='reuse',
-    choices=('reuse', 'default'),
-    help="reuse: glibc's malloc set as nanodo sets it (host.reuse_freed_memory)",
-  )
+  parser.add_argument('--configs', default='S,default,M')
+  parser.add_argument('--malloc', default='shipped,glibc', help=f'some of {list(MALLOC)}')
+  parser.add_argument('--alternations', type=int, default=5)
+  parser.add_argument('--profile', action='store_true', help="split each step's time by kernel")
+  parser.add_argument('--first-step', action='store_true', help='time launch to first step')
+  parser.add_argument('--child', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.malloc == 'reuse':
-    host.reuse_freed_memory()
-  flops, n = peaks.matmul_flops_per_sec(args.dtype)
-  ceiling, platform = flops / 1e9, jax.devices()[0].platform
-  print(f'ceiling: {ceiling:.1f} GFLOP/s ({args.dtype} {n}x{n} matmul, {platform})')
-  print(
-    f'{"config":6} {"dtype":8} {"ms/step":>8} {"tokens/s":>9} {"GFLOP/s":>8} {"ceiling":>8} '
-    f'{"peak RSS":>9}'
-  )
-  profiles = {}
-  for name in args.configs.split(','):
-    cfg, batch_size = CONFIGS[name]
-    cfg = ModelConfig(**{**cfg.__dict__, 'dtype': args.dtype})
-    r = bench(cfg, batch_size, args.steps, args.profile)
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(
-      f'{name:6} {args.dtype:8} {r["ms_per_step"]:8.1f} {r["tokens_per_s"]:9.0f} '
-      f'{r["gflops"]:8.1f} {r["gflops"] / ceiling:8.2f} {rss_gb:7.2f}GB',
-      flush=True,
-    )
-    profiles[name] = r
-  for name, r in profiles.items() if args.profile else ():
-    total = sum(r['kernels'].values())
-    print(f"{name}: where a step's {total:.1f} ms go (profiled wall time of its kernels)")
-    for kind, ms in sorted(r['kernels'].items(), key=lambda kv: -kv[1]):
-      print(f'  {kind:24} {ms:8.1f} ms {ms / total:6.1%}')
-    matmul_ms = sum(ms for kind, ms in r['kernels'].items() if kind.startswith('matmul'))
-    print(
-      f'  if only the matmuls ran: {r["model_gflop"] / matmul_ms * 1e3 / ceiling:.2f} of the '
-      'ceiling'
-    )
-  with tempfile.TemporaryDirectory() as workdir:
-    print(
-      f'default config, launch to first step: {seconds_to_first_step(workdir):.1f}s fresh, '
-      f'{seconds_to_first_step(workdir):.1f}s resumed in the same workdir'
-    )
+  if args.child:
+    child(args)
+    return
+  configs, settings = args.configs.split(','), args.malloc.split(',')
+  print(f'CPU: {cpu()}')
+  argv = [f'--configs={args.configs}', f'--steps={args.steps}', f'--dtype={args.dtype}']
+  argv += ['--profile'] if args.profile else []
+  runs = {s: [] for s in settings}
+  for i in range(args.alternations):
+    for setting in settings:
+      r = _spawn(setting, argv)
+      runs[setting].append(r)
+      ceiling = f'{r["ceiling"][0]:.1f} -> {r["ceiling"][1]:.1f} GFLOP/s'
+      rates = ' | '.join(
+        f'{n} {r[n]["ms"]:.1f} ms ({r[n]["gflops"] / np.mean(r["ceiling"]):.2f})' for n in configs
+      )
+      when = time.strftime('%H:%M:%S')
+      print(
+        f'{when} {i + 1}/{args.alternations} {setting:9} | ceiling {ceiling} | {rates} | ', end=''
+      )
+      print(f'peak RSS {r["rss_gb"]:.2f} GB', flush=True)
+  _summary(runs, configs, args.profile)
+  if args.first_step:
+    with tempfile.TemporaryDirectory() as workdir:
+      fresh, resumed = seconds_to_first_step(workdir), seconds_to_first_step(workdir)
+      print(f'default config, launch to first step: {fresh:.1f}s fresh, {resumed:.1f}s resumed')
 
 
 if __name__ == '__main__':

@@ -21,7 +21,8 @@ def evaluate(
   batch_sharding: jax.sharding.NamedSharding,
   progress: Progress,
 ) -> dict[str, float]:
-  """Mean held-out loss per token (with standard error), perplexity, bits per byte."""
+  """Mean held-out loss per token (with standard error), perplexity, bits per byte; lists of
+  them, one per variant, from a sweep's stacked eval_step."""
   task = progress.add('eval', len(eval_data.batches))
   sums = []
   for b in eval_data.batches:
@@ -32,15 +33,16 @@ def evaluate(
       jax.block_until_ready(sums[-2])
     progress.update(task, len(sums) - 1)
   progress.remove(task)
-  total = lambda k: float(np.sum([s[k] for s in sums], dtype=np.float64))
+  # A sweep's stacked step gives each sum per variant: then every value is a list of them.
+  total = lambda k: np.sum([s[k] for s in sums], axis=0, dtype=np.float64)
   nll = total('loss')
   count = total('count')
   loss = nll / count
-  stderr = math.sqrt(max(total('loss_sq') / count - loss**2, 0.0) / count)
-  bits_per_byte = nll / math.log(2) / eval_data.num_bytes
-  return {
+  stderr = np.sqrt(np.maximum(total('loss_sq') / count - loss**2, 0.0) / count)
+  result = {
     'loss': loss,
     'loss_stderr': stderr,
-    'perplexity': math.exp(loss),
-    'bits_per_byte': bits_per_byte,
+    'perplexity': np.exp(loss),
+    'bits_per_byte': nll / math.log(2) / eval_data.num_bytes,
   }
+  return {k: v.tolist() for k, v in result.items()}

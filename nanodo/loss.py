@@ -31,6 +31,11 @@ class Options(NamedTuple):
   block_size: int  # tokens whose logits exist at once
 
 
+def _on(weight: float | jax.Array) -> bool:
+  """Whether a part of the objective is on: a nonzero number, or an array (a sweep's values)."""
+  return not _number(weight) or weight != 0
+
+
 def losses(
   logits_TxV: jax.Array, logz_T: jax.Array, y_T: jax.Array, weights_T: jax.Array, opts: Options
 ) -> tuple[jax.Array, Parts]:
@@ -43,13 +48,13 @@ def losses(
   nll_T = logz_T - jnp.take_along_axis(logits_TxV, y_T[:, None], -1)[:, 0]
   parts = {'loss': total(nll_T)}
   objective = parts['loss']
-  if opts.label_smoothing:
+  if _on(opts.label_smoothing):
     # Cross-entropy against (1 - s) on the target plus s spread uniformly over the vocabulary.
     s = opts.label_smoothing
     uniform = total(logz_T - jnp.mean(logits_TxV, axis=-1))
     parts['smoothed_loss'] = (1 - s) * parts['loss'] + s * uniform
     objective = parts['smoothed_loss']
-  if opts.z_loss:
+  if _on(opts.z_loss):
     parts['z_loss'] = opts.z_loss * total(jnp.square(logz_T))
     objective += parts['z_loss']
   if opts.squares:
@@ -82,7 +87,6 @@ def _flat(h_BxLbxD: jax.Array, y_BxLb: jax.Array, w_BxLb: jax.Array) -> tuple[ja
   return h_BxLbxD.reshape(-1, h_BxLbxD.shape[-1]), y_BxLb.ravel(), w_BxLb.ravel()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
 def blockwise(
   head: Head,
   h_BxLxD: jax.Array,
@@ -95,6 +99,32 @@ def blockwise(
 
   Differentiable in h and out through the objective only (the parts are for reporting).
   """
+  # Weights given as arrays (a sweep's, one per variant) are arguments of the custom VJP;
+  # numbers stay part of its static options.
+  arrays = {k: v for k, v in opts._asdict().items() if k in ARRAYS and not _number(v)}
+  static = opts._replace(**dict.fromkeys(arrays))
+  return _blockwise(head, h_BxLxD, out_VxD, y_BxL, weights_BxL, arrays, static)
+
+
+ARRAYS = ('label_smoothing', 'z_loss')
+
+
+def _number(v: object) -> bool:
+  return isinstance(v, int | float)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _blockwise(
+  head: Head,
+  h_BxLxD: jax.Array,
+  out_VxD: jax.Array,
+  y_BxL: jax.Array,
+  weights_BxL: jax.Array,
+  arrays: dict[str, jax.Array],
+  opts: Options,
+) -> tuple[jax.Array, Parts]:
+  """blockwise, with the options' arrays apart."""
+  opts = opts._replace(**arrays)
 
   def block(_, xs: tuple) -> tuple[None, tuple]:
     h_TxD, y_T, w_T = _flat(*xs)
@@ -111,9 +141,11 @@ def _forward(
   out_VxD: jax.Array,
   y_BxL: jax.Array,
   weights_BxL: jax.Array,
+  arrays: dict[str, jax.Array],
   opts: Options,
-) -> tuple[tuple[jax.Array, Parts], tuple[jax.Array, jax.Array]]:
+) -> tuple[tuple[jax.Array, Parts], tuple]:
   """blockwise's value, and its gradients in h and out, computed together block by block."""
+  opts = opts._replace(**arrays)
 
   def block(d_out_VxD: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
     h_TxD, y_T, w_T = _flat(*xs)
@@ -125,15 +157,16 @@ def _forward(
   xs = tuple(_blocks(v, opts.block_size) for v in (h_BxLxD, y_BxL, weights_BxL))
   d_out_VxD, (sums, d_h_CxBxLbxD) = jax.lax.scan(block, jnp.zeros_like(out_VxD), xs)
   d_h_BxLxD = d_h_CxBxLbxD.swapaxes(0, 1).reshape(h_BxLxD.shape)
-  return jax.tree.map(jnp.sum, sums), (d_h_BxLxD, d_out_VxD)
+  return jax.tree.map(jnp.sum, sums), (d_h_BxLxD, d_out_VxD, arrays)
 
 
 def _backward(
   head: Head, opts: Options, grads: tuple, cotangents: tuple
 ) -> tuple[jax.Array | None, ...]:
-  """The gradients _forward computed, times the objective's cotangent."""
+  """The gradients _forward computed, times the objective's cotangent (none for the weights)."""
   ct = cotangents[0]
-  return (ct * grads[0]).astype(grads[0].dtype), ct * grads[1], None, None
+  zeros = jax.tree.map(jnp.zeros_like, grads[2])
+  return (ct * grads[0]).astype(grads[0].dtype), ct * grads[1], None, None, zeros
 
 
-blockwise.defvjp(_forward, _backward)
+_blockwise.defvjp(_forward, _backward)

@@ -1,4 +1,4 @@
-"""Entry point: `nanodo [train] --config=...` trains; sample, eval, plot and export read runs."""
+"""Entry point: `nanodo [train] --config=...` trains; the other commands read runs."""
 
 import sys
 
@@ -23,7 +23,7 @@ def train_command(argv: list[str]) -> None:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
     sys.exit('Interrupted; the checkpoints written so far are kept.')
-  if result and jax.process_index() == 0:
+  if result and 'variants' not in result and jax.process_index() == 0:  # a sweep's report: logged
     print('held-out ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
 
 
@@ -33,11 +33,12 @@ COMMANDS = {
   'eval': commands.eval_command,
   'plot': commands.plot_command,
   'export': commands.export_command,
+  'report': commands.report_command,
 }
 
 
 def main() -> None:
-  """Console script `nanodo`: a first argument picks train (default), sample, eval, plot, export."""
+  """Console script `nanodo`: a first argument picks train (default) or another command."""
   host.reuse_freed_memory()  # before JAX starts
   argv = list(sys.argv)
   command = argv.pop(1) if len(argv) > 1 and argv[1] in COMMANDS else 'train'

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nanodo.ops import attend, einsum_BL, logits, rope
+from nanodo.ops import attend, einsum_BL, logits, max_logit, rope
 from nanodo.sharding import BATCH, FSDP
 
 POSITIONS = ('learned', 'rope', 'none')
@@ -84,6 +84,7 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = _norm(cfg, K, rngs)
       self.k_norm = _norm(cfg, K, rngs)
+    self.sow_max_logit = False  # set by a step that logs the stability metrics
 
   def __call__(
     self, x_BxLxD: jax.Array, pos_BxL: jax.Array, visible_BxLxM: jax.Array, cache: LayerCache | None
@@ -103,6 +104,8 @@ class Attention(nnx.Module):
       k_BxMxGxK = cache[0].at[b_Bx1, pos_BxL].set(k_BxLxGxK)
       v_BxMxGxK = cache[1].at[b_Bx1, pos_BxL].set(v_BxLxGxK)
       cache = (k_BxMxGxK, v_BxMxGxK)
+    if self.sow_max_logit:
+      self.sow(nnx.Intermediate, 'max_logit', max_logit(q_BxLxHxK, k_BxMxGxK, visible_BxLxM))
     if self.cfg.attention == 'dot_product_attention':  # picks cuDNN's fused kernel on GPUs
       mask_Bx1xLxM = visible_BxLxM[:, None]
       out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask=mask_Bx1xLxM)

@@ -49,3 +49,11 @@ def attend(
   att_BxGxRxLxM = jax.nn.softmax(att_BxGxRxLxM, axis=-1).astype(q_BxLxHxK.dtype)
   out_BxGxRxLxK = jnp.einsum('BGRLM,BGMK->BGRLK', att_BxGxRxLxM, v_BxGxMxK)
   return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+
+
+def max_logit(q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, visible_BxLxM: jax.Array) -> jax.Array:
+  """The largest attention logit (q·k/√K, before the softmax) over the visible positions."""
+  (B, L, H, K), G = q_BxLxHxK.shape, k_BxMxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K).astype(jnp.float32) * K**-0.5
+  att_BxGxRxLxM = jnp.einsum('BLGRK,BMGK->BGRLM', q_BxLxGxRxK, k_BxMxGxK.astype(jnp.float32))
+  return jnp.max(jnp.where(visible_BxLxM[:, None, None], att_BxGxRxLxM, -jnp.inf))

@@ -97,7 +97,9 @@ def get_optimizer(
     tx = optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
   elif o.optimizer == 'adafactor':
     # Optax's Adafactor decays by a fixed rate per step: AdamW's decay at the peak learning rate.
-    rate = o.weight_decay * o.peak_learning_rate or None
+    # No decay at a weight of 0; an array (a sweep's values) always decays.
+    off = isinstance(o.weight_decay, int | float) and not o.weight_decay
+    rate = None if off else o.weight_decay * o.peak_learning_rate
     tx = optax.adafactor(schedule, weight_decay_rate=rate, weight_decay_mask=mask)
   elif o.optimizer == 'muon':
     # Muon on the blocks' matrices, with momentum b1; AdamW on the rest.

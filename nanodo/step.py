@@ -28,6 +28,7 @@ class StepConfig:
   loss: loss.Options  # label_smoothing, z_loss, cross_entropy_block_size
   grad_accumulation_steps: int
   log_internal_metrics: bool  # per-layer statistics
+  log_stability_metrics: bool  # largest attention logits, output logits, log-normalizer
 
   @classmethod
   def of(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
@@ -37,31 +38,60 @@ class StepConfig:
       squares=False,
       block_size=c.cross_entropy_block_size,
     )
-    return cls(options, c.grad_accumulation_steps, c.log_internal_metrics)
+    return cls(options, c.grad_accumulation_steps, c.log_internal_metrics, c.log_stability_metrics)
 
 
 def loss_fn(
-  params: PyTree, graphdef: nnx.GraphDef, batch: Batch, opts: loss.Options, internal: bool
+  params: PyTree,
+  graphdef: nnx.GraphDef,
+  batch: Batch,
+  opts: loss.Options,
+  internal: bool,
+  stability: bool = False,
 ) -> tuple[jax.Array, tuple[Metrics, Metrics, jax.Array]]:
   """The objective summed over the batch's targets; its parts (sums), layer statistics, count.
 
   The parts are those of loss.losses; the statistics those of every module's output when
-  internal. The logits exist opts.block_size tokens at a time.
+  internal, and those of stability_stats when stability. The logits exist opts.block_size
+  tokens at a time.
   """
   decoder = nnx.merge(graphdef, params)
   inputs = (batch['x'], batch['segment_ids'], batch['positions'])
   stats = {}
-  if internal:
-    capture = nnx.capture(decoder.hidden, nnx.Intermediate, method_outputs=nnx.Intermediate)
-    h_BxLxD, outputs = capture(*inputs)
+  if internal or stability:
+    decoder.set_attributes(sow_max_logit=stability)
+    outputs_of = nnx.Intermediate if internal else None
+    h_BxLxD, sown = nnx.capture(decoder.hidden, nnx.Intermediate, method_outputs=outputs_of)(
+      *inputs
+    )
+    maxima = {tree.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(sown)}
+    maxima = {p.split('/attn')[0]: x for p, x in maxima.items() if '/max_logit' in p}
     # All the logits at once, for their statistics only: the loss takes them a block at a time.
     logits_BxLxV = jax.lax.stop_gradient(decoder.project(h_BxLxD))
-    stats = tree.stats('act', outputs) | tree.stats('act', {'output': logits_BxLxV})
+    if internal:
+      outputs = nnx.filter_state(sown, lambda path, _: 'max_logit' not in path)
+      stats = tree.stats('act', outputs) | tree.stats('act', {'output': logits_BxLxV})
+    if stability:
+      stats |= stability_stats(maxima, logits_BxLxV, batch['weights'])
   else:
     h_BxLxD = decoder.hidden(*inputs)
   head, out_VxD = decoder.head()
   objective, parts = loss.blockwise(head, h_BxLxD, out_VxD, batch['y'], batch['weights'], opts)
   return objective, (parts, stats, jnp.sum(batch['weights']))
+
+
+def stability_stats(
+  maxima: dict[str, jax.Array], logits_BxLxV: jax.Array, weights_BxL: jax.Array
+) -> Metrics:
+  """Each layer's largest attention logit, the output logits' largest value and mean, and the
+  mean squared log-normalizer (what the z-loss penalises), over the targets."""
+  stats = {f'stability/{layer}/max_attention_logit': m for layer, m in maxima.items()}
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  stats['stability/output_logit_max'] = jnp.max(logits_BxLxV)
+  stats['stability/output_logit_mean'] = jnp.mean(logits_BxLxV)
+  count = jnp.maximum(jnp.sum(weights_BxL), 1.0)
+  stats['stability/logz_squared'] = jnp.sum(jnp.square(logz_BxL) * weights_BxL) / count
+  return stats
 
 
 def train_step(
@@ -86,7 +116,11 @@ def train_step(
   micro = jax.tree.map(lambda v_BxL: v_BxL.reshape(-1, A, v_BxL.shape[1]).swapaxes(0, 1), batch)
   grad_fn = jax.grad(loss_fn, has_aux=True)
   sums_of = functools.partial(
-    grad_fn, graphdef=graphdef, opts=opts.loss, internal=opts.log_internal_metrics
+    grad_fn,
+    graphdef=graphdef,
+    opts=opts.loss,
+    internal=opts.log_internal_metrics,
+    stability=opts.log_stability_metrics,
   )
   sums = sums_of(params, batch=jax.tree.map(lambda v: v[0], micro))
   if A > 1:

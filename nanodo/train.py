@@ -15,20 +15,36 @@ from nanodo.ground.tree import PyTree
 from nanodo.infra import budget, checkpoint, metrics, validate, workdir
 from nanodo.infra.signals import StopSignal
 from nanodo.model import ModelConfig
+from nanodo.research import report, stack, sweep
 from nanodo.step import StepConfig, Steps, build_steps, rescheduled
 from nanodo.tools import hf_import
 
 
-def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
+def train_and_evaluate(c: ConfigDict) -> dict:
   """Trains c.opt.num_train_steps steps (resuming if possible); returns the final evaluation.
 
   c is checked first, then the processes of the run join. One run at a time per workdir; SIGINT
-  or SIGTERM end the run after the current step and a checkpoint, and it returns {}.
+  or SIGTERM end the run after the current step and a checkpoint, and it returns {}. A sweep
+  (c.sweep) trains its groups one after another, each a run in a workdir of its own, and
+  returns its report.
   """
   c = copy.deepcopy(hf_import.config(c))  # hf_init_dir's model keys, checked with the rest
   validate.check(c)
+  groups = stack.plan(c)  # a sweep's groups, each config checked
   sharding.initialize_distributed(c.distributed)
   validate.check_devices(c, jax.device_count())
+  if not c.sweep:
+    return _run(c)
+  with workdir.claim(c.workdir):
+    sweep.start(c)  # the sweep's variants in its workdir, or the same sweep resumed
+    for group_config, group in groups:
+      if not _run(group_config, group):
+        return {}  # stopped by a signal
+    return report.write(c.workdir)
+
+
+def _run(c: ConfigDict, group: list[sweep.Variant] | None = None) -> dict:
+  """Trains the run of c, or the stacked variants of a sweep's group."""
   with StopSignal() as stop, workdir.claim(c.workdir) as claim:
     with claim.refusable():  # the checks that need the corpus: a refused start leaves no trace
       validate.check_resume(c)
@@ -38,7 +54,10 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
     jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, workdir.COMPILE_CACHE))
     cfg = ModelConfig(V=inputs.sp.vocab_size(), **c.model)
     opts = StepConfig.of(c)
-    steps = build_steps(cfg, opts, c.opt, c.seed, mesh)
+    if group:
+      steps = stack.build_steps(cfg, opts, c, group, mesh)
+    else:
+      steps = build_steps(cfg, opts, c.opt, c.seed, mesh)
     checkpoints = os.path.join(c.workdir, workdir.CHECKPOINTS)
     # Closing waits for a save in flight, also when an error or a signal ends the run. Steps are
     # traced with the mesh in context: the model splits activations along B over it.
@@ -56,38 +75,42 @@ def train_and_evaluate(c: ConfigDict) -> dict[str, float]:
         workdir.write_config(c)
         # Rows of steps after the restored one come from a run killed before its next checkpoint.
         metrics.drop_rows_after(c.workdir, int(state['step']))
-      metrics.banner(state['params'], cfg, inputs.summary)
-      return _loop(c, cfg, inputs, steps, state, start, mngr, stop)
+      params = jax.tree.map(lambda p: p[0], state['params']) if group else state['params']
+      metrics.banner(params, cfg, inputs.summary)
+      logger = _logger(c, cfg, params, int(state['step']), group)
+      return _loop(c, inputs, steps, state, start, mngr, stop, logger)
 
 
-def _logger(c: ConfigDict, cfg: ModelConfig, params: PyTree, step: int) -> metrics.StepLogger:
-  """The run's metrics writer and console, from step on."""
+def _logger(
+  c: ConfigDict, cfg: ModelConfig, params: PyTree, step: int, group: list | None
+) -> metrics.StepLogger:
+  """The run's metrics writer and console from step on; a row per variant for a group."""
   config = json.loads(c.to_json_best_effort())
   writer = metrics.Writer(c.workdir, step, config, c.wandb_project, c.wandb_entity)
   flops_per_token = metrics.model_flops_per_token(params, cfg.D, cfg.L, cfg.N, cfg.V)
-  return metrics.StepLogger(
-    writer,
-    Progress(),
-    step,
+  settings = dict(
     num_steps=c.opt.num_train_steps,
     log_every=c.log_every_steps,
-    row_tokens=c.batch_size * cfg.L,
+    row_tokens=len(group or [0]) * c.batch_size * cfg.L,  # a stack trains every variant's rows
     flops_per_token=flops_per_token,
     peak_tflops=c.peak_tflops,
     dtype=cfg.dtype,
   )
+  if group:
+    return stack.SweepLogger([v.id for v in group], writer, Progress(), step, **settings)
+  return metrics.StepLogger(writer, Progress(), step, **settings)
 
 
 def _loop(
   c: ConfigDict,
-  cfg: ModelConfig,
   inputs: Inputs,
   steps: Steps,
   state: PyTree,
   start: str,
   mngr: checkpoint.Manager,
   stop: StopSignal,
-) -> dict[str, float]:
+  logger: metrics.StepLogger,
+) -> dict:
   """Trains from state's step to c.opt.num_train_steps; checkpoints and evaluates on the way."""
   step = int(state['step'])
   total = c.opt.num_train_steps
@@ -97,7 +120,6 @@ def _loop(
     log(f'starting at step {step} of {total}.')
   else:
     log(f'step {step} of {total}: nothing left to train; evaluating.')
-  logger = _logger(c, cfg, state['params'], step)
   batches = inputs.batches
   held_out = (inputs.eval_data, inputs.batch_sharding, logger.progress)
   # Steps traced by the profiler: profile_steps of them after the first, which compiles.

@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).parent.parent / 'nanodo'
 # The core a reader opens first: the loop and the entry on top of the core's library.
 TOP = {'nanodo.main', 'nanodo.train'}
 CORE = {f'nanodo.{m}' for m in 'data evaluate loss model ops optimizer sharding step'.split()}
-WINGS = ('nanodo.infra', 'nanodo.corpora', 'nanodo.tools')
+WINGS = ('nanodo.infra', 'nanodo.corpora', 'nanodo.tools', 'nanodo.research')
 GROUND = 'nanodo.ground'
 
 

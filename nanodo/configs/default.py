@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   # trains the steps that end, with its evaluations, within it: opt.num_train_steps is replaced by
   # that count, which workdir/budget.json keeps for a resumed run (README, "A time budget").
   c.train_minutes = 0.0
+  # A sweep (README, "Sweeps"): 'key=v1,v2 key=v1,v2' trains the product of the value lists, in
+  # groups that share a program (stacked: one vmapped step for all), and writes report.json.
+  c.sweep = ''
 
   c.opt = ml_collections.ConfigDict()
   c.opt.optimizer = 'adamw'  # 'adamw' | 'lion' | 'adafactor' | 'muon' (+ AdamW off matrices)
@@ -123,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   # rms, mean and std of every layer's output, gradient, parameter and update (divided by the
   # learning rate), logged every step; off: the step computes none of them.
   c.log_internal_metrics = False
+  # Each layer's largest attention logit, the output logits' largest value and mean, and the mean
+  # squared log-normalizer (what z_loss penalises), logged every step under stability/.
+  c.log_stability_metrics = False
   # Trace this many steps (after the first, which compiles) with jax.profiler into the workdir
   # (TensorBoard's profile tab opens it); 0: no trace.
   c.profile_steps = 0

@@ -116,19 +116,22 @@ class Writer:
     if wandb_project:
       self._wandb = _wandb_run(path, wandb_project, wandb_entity, hparams)
 
-  def write(self, step: int, metrics: dict[str, float], flush: bool = True) -> None:
-    """Writes metrics of one step; TensorBoard's events reach the disk when flush is set."""
+  def write(self, step: int, metrics: dict, flush: bool = True, variant: int | None = None) -> None:
+    """Writes metrics of one step (a sweep's variant's: tagged v<variant>/ in TensorBoard and W&B);
+    TensorBoard's events reach the disk when flush is set."""
     if not self.is_main:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
-    self._file.write(json.dumps({'step': step, 'time': time.time(), **metrics}) + '\n')
+    tagged = {'variant': variant} if variant is not None else {}
+    self._file.write(json.dumps({'step': step, **tagged, 'time': time.time(), **metrics}) + '\n')
     self._file.flush()
+    tag = '' if variant is None else f'v{variant}/'
     for k, v in metrics.items():
-      self._tb.add_scalar(k, v, step)
+      self._tb.add_scalar(tag + k, v, step)
     if flush:
       self._tb.flush()
     if self._wandb is not None:
-      self._wandb.log(metrics, step=step)
+      self._wandb.log({tag + k: v for k, v in metrics.items()}, step=step)
 
   def close(self) -> None:
     if self._file:
@@ -202,23 +205,34 @@ class StepLogger:
     if self.pending is None:
       return
     (step, step_metrics), self.pending = self.pending, None
-    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    rows = self.rows(step, jax.device_get(step_metrics))
+    now = time.time()
+    for variant, values in rows.items():
+      if self.compiled:
+        seconds = max(now - self.t_last, 1e-9)
+        # Rows' tokens, padding included (the model computes them all), and the loss's targets.
+        values['tokens_per_sec'] = self.row_tokens / seconds
+        values['target_tokens_per_sec'] = values['target_tokens'] / seconds
+        # Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak.
+        values['mfu'] = values['tokens_per_sec'] * self.flops_per_token / self.peak_flops
+      self.writer.write(step, values, flush=step % self.log_every == 0, variant=variant)
+    self.compiled = True
+    shown = self.console(rows)
+    self.progress.update(self.task, step, {k: shown[k] for k in self.CONSOLE if k in shown})
+    self.t_last = now
+
+  def rows(self, step: int, step_metrics: dict[str, np.ndarray]) -> dict[int | None, dict]:
+    """A step's rows (one, of no variant); FloatingPointError if a value is not finite."""
+    values = {k: float(v) for k, v in step_metrics.items()}
     # Stops before a non-finite state is logged as good or saved over a good checkpoint.
     if bad := [f'{k} is {v}' for k, v in values.items() if not np.isfinite(v)]:
       kept = 'Stopped without saving this state; the checkpoints of earlier steps are kept.'
       raise FloatingPointError(f'Training diverged at step {step}: {", ".join(bad)}. {kept}')
-    now = time.time()
-    if self.compiled:
-      seconds = max(now - self.t_last, 1e-9)
-      # Rows' tokens, padding included (the model computes them all), and the loss's targets.
-      values['tokens_per_sec'] = self.row_tokens / seconds
-      values['target_tokens_per_sec'] = values['target_tokens'] / seconds
-      # Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak.
-      values['mfu'] = values['tokens_per_sec'] * self.flops_per_token / self.peak_flops
-    self.compiled = True
-    self.writer.write(step, values, flush=step % self.log_every == 0)
-    self.progress.update(self.task, step, {k: values[k] for k in self.CONSOLE if k in values})
-    self.t_last = now
+    return {None: values}
+
+  def console(self, rows: dict[int | None, dict]) -> dict[str, float]:
+    """The values the console shows of a step's rows."""
+    return rows[None]
 
   def restart_clock(self) -> None:
     """The next step's time starts now: after work that is no step (an evaluation, a save)."""

@@ -1,4 +1,4 @@
-"""The command line's flags and the commands that read runs: sample, eval, plot, export."""
+"""The command line's flags and the commands that read runs: sample, eval, plot, export, report."""
 
 import re
 import sys
@@ -13,6 +13,7 @@ from nanodo.corpora import sources, token_cache
 from nanodo.evaluate import evaluate
 from nanodo.ground.console import Progress
 from nanodo.infra import orbax_logs, workdir
+from nanodo.research import report
 from nanodo.step import jit_eval_step
 from nanodo.tools import hf_export, sample, trained
 
@@ -30,6 +31,9 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most probable token
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set with this mass; 1: all.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed of the samples.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.')
+_VARIANT = flags.DEFINE_integer(
+  'variant', None, "A sweep's variant to read (default: the one of lowest held-out loss)."
+)
 _OUT = flags.DEFINE_string('out', None, 'What to write: `plot` an image, `export` a directory.')
 
 
@@ -64,7 +68,7 @@ def sample_command(argv: list[str]) -> None:
     sampling = sample.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     prompts = _prompts()
     sample.check_request(prompts, _MAX_NEW_TOKENS.value, _NUM_SAMPLES.value)
-    model = trained.load(path, _STEP.value)
+    model = trained.load(path, _STEP.value, _VARIANT.value)
     # Samples stream to stdout; on a terminal that is the progress, so stderr gets plain lines.
     with Progress(sys.stderr, bar=sys.stderr.isatty() and not sys.stdout.isatty()) as progress:
       sample.sample(
@@ -81,9 +85,11 @@ def sample_command(argv: list[str]) -> None:
     sys.exit(f'error: {e}')
 
 
-def evaluate_run(path: str, step: int | None = None) -> tuple[trained.Trained, dict[str, float]]:
+def evaluate_run(
+  path: str, step: int | None = None, variant: int | None = None
+) -> tuple[trained.Trained, dict[str, float]]:
   """A run's checkpoint (default: the latest) and its metrics on the run's held-out split."""
-  run = trained.load(path, step)
+  run = trained.load(path, step, variant)
   c = run.config
   if c.eval_batch_size % jax.device_count():
     here = f'the {jax.device_count()} devices here'
@@ -103,7 +109,7 @@ def eval_command(argv: list[str]) -> None:
   """`nanodo eval`: a checkpoint's held-out loss, perplexity and bits per byte."""
   path = _one_workdir(argv)
   try:
-    run, r = evaluate_run(path, _STEP.value)
+    run, r = evaluate_run(path, _STEP.value, _VARIANT.value)
   except ValueError as e:
     sys.exit(f'error: {e}')
   loss = f'loss {r["loss"]:.4f} ± {r["loss_stderr"]:.4f}, perplexity {r["perplexity"]:.2f}'
@@ -135,11 +141,20 @@ def export_command(argv: list[str]) -> None:
   if not _OUT.value:
     sys.exit('error: give the directory to write, e.g. --out=/tmp/nanodo_hf')
   try:
-    name = hf_export.export(path, _OUT.value, _STEP.value)
+    name = hf_export.export(path, _OUT.value, _STEP.value, _VARIANT.value)
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
   load = f'transformers.AutoModelForCausalLM.from_pretrained({_OUT.value!r})'
   print(f'wrote {_OUT.value}: a {name} model for {load}')
+
+
+def report_command(argv: list[str]) -> None:
+  """`nanodo report`: the table, report.json and figure of a sweep."""
+  path = _one_workdir(argv)
+  try:
+    report.write(path)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -24,20 +24,21 @@ def _tokenizer_config(sp: spm.SentencePieceProcessor, L: int) -> dict:
   }
 
 
-def export(path: str, out: str, step: int | None = None) -> str:
-  """Writes the run in path (a checkpoint; default: the latest) to out as a Hugging Face model.
+def export(path: str, out: str, step: int | None = None, variant: int | None = None) -> str:
+  """Writes the run in path (a checkpoint; default: the latest; of a sweep, variant's) to out
+  as a Hugging Face model.
 
   Returns the family. out must be absent or empty: it is written beside it, then renamed when
   whole, so that a failure leaves it as it was.
   """
-  name = hf_families.family(workdir.run_config(path).model)
+  name = hf_families.family(workdir.run_config(trained.variant_of(path, variant)[0]).model)
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
     raise ValueError(f'out={out!r} exists and is not empty; give a new or empty directory.')
   try:
     from safetensors.numpy import save_file
   except ImportError:
     raise ValueError(f'nanodo export {hf_families.NEEDS}') from None
-  run = trained.load(path, step)
+  run = trained.load(path, step, variant)
   vocab, sp = trained.tokenizer_path(run.config), run.sp
   config = hf_families.hf_config(run.cfg, name, sp)
   texts = {

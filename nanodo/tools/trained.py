@@ -7,12 +7,15 @@ import jax
 import ml_collections
 import sentencepiece as spm
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nanodo import sharding
 from nanodo.corpora import tokenizer
 from nanodo.ground.tree import PyTree
 from nanodo.infra import checkpoint, workdir
 from nanodo.model import ModelConfig, abstract
+from nanodo.research import report, sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +30,30 @@ class Trained:
   config: ml_collections.ConfigDict
 
 
-def load(path: str, step: int | None = None) -> Trained:
-  """The parameters of a checkpoint (default: the latest) of the run in path, on every device."""
+def variant_of(path: str, variant: int | None) -> tuple[str, int | None, int]:
+  """The workdir of a run; of a sweep's variant (default: the one of lowest held-out loss), its
+  group's, its place in the group's stack and the stack's size. ValueError if it is not there."""
+  found = sweep.read(path)
+  if found is None:
+    if variant is not None:
+      raise ValueError(f'variant={variant} is not valid: workdir={path!r} holds no sweep.')
+    return path, None, 1
+  if variant is None:
+    best = [g['best'] for g in report.build(path)['groups'] if g['best']]
+    if not best:
+      raise ValueError(f'workdir={path!r}: no variant of its sweep has been evaluated yet.')
+    variant = min(best, key=lambda b: b['eval_loss'])['id']
+  if not 0 <= variant < len(found):
+    raise ValueError(f'variant={variant} is not valid: the sweep has variants 0-{len(found) - 1}.')
+  v = found[variant]
+  size = sum(u.group == v.group for u in found)
+  return os.path.join(path, sweep.GROUPS, str(v.group)), v.index, size
+
+
+def load(path: str, step: int | None = None, variant: int | None = None) -> Trained:
+  """The parameters of a checkpoint (default: the latest) of the run in path, on every device;
+  of a sweep, those of one variant (variant_of)."""
+  path, index, K = variant_of(path, variant)
   c = workdir.run_config(path)
   mngr = checkpoint.manager(os.path.join(path, workdir.CHECKPOINTS))
   try:
@@ -46,7 +71,13 @@ def load(path: str, step: int | None = None) -> Trained:
     graphdef, params = abstract(cfg)
     mesh = sharding.make_mesh(1, jax.device_count())
     shardings = sharding.state_shardings(params, mesh)
-    params = checkpoint.restore_params(mngr, step, params, shardings)
+    if index is None:
+      params = checkpoint.restore_params(mngr, step, params, shardings)
+    else:  # the group's stack, replicated, then the variant's slice
+      stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((K, *x.shape), x.dtype), params)
+      replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), stacked)
+      stack = checkpoint.restore_params(mngr, step, stacked, replicated)
+      params = jax.tree.map(lambda x, s: jax.device_put(x[index], s), stack, shardings)
   finally:
     mngr.close()
   return Trained(cfg, graphdef, params, sp, step, c)

@@ -1,0 +1,1 @@
+"""Research: sweeps trained as one program, their stability metrics and their report."""

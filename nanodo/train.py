@@ -35,6 +35,7 @@ def train_and_evaluate(c: ConfigDict) -> dict:
   validate.check_devices(c, jax.device_count())
   if not c.sweep:
     return _run(c)
+  stack.check_memory(groups)
   with workdir.claim(c.workdir):
     sweep.start(c)  # the sweep's variants in its workdir, or the same sweep resumed
     for group_config, group in groups:

@@ -55,6 +55,7 @@ def test_the_grid_is_the_product_grouped_by_program():
     ('model.qk_norm=yes', "model.qk_norm='yes' is not valid: give True or False"),
     ('opt.b1=high', "opt.b1='high' is not valid: must be a float"),
     ('seed=1 seed=2', 'seed is given twice'),
+    ('opt.b1=0.8,0.9,0.95 sweep_vmap=2', 'sweep_vmap cannot be swept'),
   ],
 )
 def test_a_bad_sweep_is_one_clear_line_before_any_work(tmp_path, spec, message):
@@ -63,6 +64,12 @@ def test_a_bad_sweep_is_one_clear_line_before_any_work(tmp_path, spec, message):
     train.train_and_evaluate(_config(workdir, spec))
   assert message in str(e.value)
   assert not os.path.exists(workdir)
+
+
+def test_sweep_vmap_must_divide_every_group(tmp_path):
+  c = _config(str(tmp_path / 'run'), 'opt.b1=0.8,0.9,0.95', sweep_vmap=2)
+  with pytest.raises(ValueError, match=r'^sweep_vmap=2 is not valid: .* every group \(3\)'):
+    train.train_and_evaluate(c)
 
 
 def test_a_group_too_large_for_memory_is_refused_before_any_work(tmp_path):
@@ -92,6 +99,20 @@ def test_each_variant_trains_exactly_as_it_would_alone(tmp_path):
     np.testing.assert_allclose(line['bits_per_byte'], expected['bits_per_byte'], rtol=1e-5)
   # The variants did differ: the stack is not one run copied eight times.
   assert len({round(v['eval_loss'], 6) for v in result['variants']}) == 8
+
+
+def test_variants_computed_two_at_a_time_train_the_same(tmp_path):
+  spec = 'opt.peak_learning_rate=3e-3,3e-2 opt.weight_decay=0,0.1'
+  runs = {
+    n: train.train_and_evaluate(_config(str(tmp_path / str(n)), spec, sweep_vmap=n)) for n in (0, 2)
+  }
+  for v in range(4):
+    a, b = (_losses(os.path.join(tmp_path, str(n), 'groups', '0'), v) for n in (0, 2))
+    assert sorted(a) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=1e-5)
+  assert [v['eval_loss'] for v in runs[0]['variants']] == pytest.approx(
+    [v['eval_loss'] for v in runs[2]['variants']], rel=1e-5
+  )
 
 
 def test_a_diverging_variant_is_frozen_and_the_others_go_on(tmp_path, capsys):
@@ -195,7 +216,7 @@ def test_eight_devices_each_train_one_variant_with_the_same_losses(tmp_path):
     cmd = [sys.executable, MAIN, f'--config={CONFIG}', f'--config.workdir={workdir}', *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f'8 variants stacked, {8 // n} per device of {n}.' in out.stdout
+    assert f'8 variants stacked, {8 // n} per device of {n}, 8 at a time.' in out.stdout
     runs[n] = workdir
   for v in range(8):
     one, eight = (_losses(os.path.join(runs[n], 'groups', '0'), v) for n in (1, 8))

@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A sweep (README, "Sweeps"): 'key=v1,v2 key=v1,v2' trains the product of the value lists, in
   # groups that share a program (stacked: one vmapped step for all), and writes report.json.
   c.sweep = ''
+  # Variants of a group its step computes at once (jax.vmap), the others one after another in
+  # the same program: less memory at once. 0: all of them.
+  c.sweep_vmap = 0
 
   c.opt = ml_collections.ConfigDict()
   c.opt.optimizer = 'adamw'  # 'adamw' | 'lion' | 'adafactor' | 'muon' (+ AdamW off matrices)

@@ -1,10 +1,13 @@
-"""A group of a sweep as one program: its variants' states stacked, one vmapped step for all.
+"""A group of a sweep as one program: its variants' states stacked, one jitted step for all.
 
 Variant k of a group differs from the others only in the values of the sweep's stacked keys.
 Those reach the step as arrays of the variant axis: the learning rate as a table of every step
 (each variant's own schedule, evaluated by Optax), the optimizer's and the loss's numbers as
 scalars. Keys the group does not sweep stay Python numbers, so the step is the one its variants
 would each be trained with alone.
+
+The step computes sweep_vmap variants at once (jax.vmap; 0: all), the others one after another
+in the same program (lax.map).
 
 A variant whose loss, gradient or new parameters are not finite keeps its last finite state (its
 parameters and optimizer state stop changing) and its 'diverged_at' records the step; the other
@@ -14,6 +17,7 @@ variants go on.
 import dataclasses
 import functools
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +79,16 @@ def _train_one(
   return new | {'diverged_at': diverged_at}, m | {'diverged_at': diverged_at}
 
 
+def in_lanes(fn: Callable, xs: PyTree, lanes: int) -> PyTree:
+  """fn of each variant of xs (stacked along axis 0), lanes of them at once (jax.vmap), the
+  lanes' variants one after another (lax.map) in the same program. A lane's variants are
+  contiguous, as they lie on a device when the variant axis is split over the mesh."""
+  K = len(jax.tree.leaves(xs)[0])
+  split = jax.tree.map(lambda x: x.reshape(lanes, K // lanes, *x.shape[1:]), xs)
+  out = jax.vmap(lambda lane: jax.lax.map(fn, lane))(split)
+  return jax.tree.map(lambda x: x.reshape(K, *x.shape[2:]), out)
+
+
 def build_steps(
   cfg: model.ModelConfig,
   opts: step.StepConfig,
@@ -101,7 +115,8 @@ def build_steps(
 
   stacked = P(sharding.BATCH) if K % mesh.size == 0 else P()
   spread = f'{K // mesh.size} per device' if stacked else 'each on every device'
-  log(f'sweep group: {K} variants stacked, {spread} of {mesh.size}.')
+  lanes = lanes_of(c, K)
+  log(f'sweep group: {K} variants stacked, {spread} of {mesh.size}, {lanes} at a time.')
   specs = {'step': P(), 'params': stacked, 'opt_state': stacked, 'diverged_at': stacked}
   shardings = {
     k: jax.tree.map(lambda _, s=specs[k]: NamedSharding(mesh, s), v)
@@ -109,9 +124,16 @@ def build_steps(
   }
   state = jax.jit(init, out_shardings=shardings)()
   one = functools.partial(_train_one, graphdef=graphdef, o=c.opt, opts=opts)
-  axes = {'step': None, 'params': 0, 'opt_state': 0, 'diverged_at': 0}
-  vmapped = jax.vmap(one, in_axes=(axes, None, 0), out_axes=(axes, 0))
-  train = lambda state, batch: vmapped(state, batch, hp)
+
+  def train(state: PyTree, batch: step.Batch) -> tuple[PyTree, step.Metrics]:
+    def variant(xs: tuple) -> tuple[PyTree, step.Metrics]:
+      new, m = one({'step': state['step'], **xs[0]}, batch, xs[1])
+      return {k: v for k, v in new.items() if k != 'step'}, m
+
+    stacked = {k: v for k, v in state.items() if k != 'step'}
+    new, m = in_lanes(variant, (stacked, hp), lanes)
+    return {'step': state['step'] + 1, **new}, m
+
   replicated, batch = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
   train = jax.jit(
     train,
@@ -120,34 +142,43 @@ def build_steps(
     donate_argnums=0,
   )
   evaluate = functools.partial(step.eval_step, graphdef=graphdef, block_size=opts.loss.block_size)
-  eval_step = jax.jit(jax.vmap(evaluate, in_axes=(0, None)), out_shardings=replicated)
+  stacked_eval = lambda params, batch: in_lanes(lambda p: evaluate(p, batch), params, lanes)
+  eval_step = jax.jit(stacked_eval, out_shardings=replicated)
   return step.Steps(graphdef, state, shardings, train, eval_step)
 
 
 def plan(c: ml_collections.ConfigDict) -> list[tuple[ml_collections.ConfigDict, list]]:
-  """sweep.plan, each group's config checked and its memory estimated, before any work."""
+  """sweep.plan, each group's config checked."""
   planned = sweep.plan(c)
-  for g, group in planned:
+  for g, _ in planned:
     validate.check(g)
-    check_memory(g, len(group))
   return planned
 
 
-def check_memory(c: ml_collections.ConfigDict, K: int) -> None:
-  """ValueError, before anything is compiled, when K variants' states and the activations of
-  their step (float32, a rough upper bound) would not fit in the devices' memory."""
-  cfg = model.ModelConfig(V=c.vocab_size, **c.model)  # the tokenizer's size is not known yet
-  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.abstract(cfg)[1]))
-  rows = c.batch_size // c.grad_accumulation_steps
-  per_token = cfg.N * (16 * cfg.D + 2 * cfg.F + 2 * cfg.H * cfg.L) + 2 * cfg.D
-  one = 4 * params + 4 * rows * cfg.L * per_token  # parameters, gradient, two moments
-  need, available = K * one, _available_memory()
-  if need > available:
-    raise ValueError(
-      f'sweep: a group of {K} variants needs about {need / 2**30:.1f} GiB ({K} x '
-      f'{one / 2**30:.2f} GiB of state and activations), more than the {available / 2**30:.1f} '
-      'GiB available; sweep fewer values at once, or a smaller model.'
-    )
+def lanes_of(c: ml_collections.ConfigDict, K: int) -> int:
+  """Variants a group's step computes at once: sweep_vmap, else all K."""
+  return c.sweep_vmap or K
+
+
+def check_memory(planned: list[tuple[ml_collections.ConfigDict, list]]) -> None:
+  """ValueError, before anything is compiled, when a group's states and the activations of its
+  lanes (float32, a rough upper bound) would not fit in the devices' memory."""
+  available = _available_memory()
+  for c, group in planned:
+    cfg = model.ModelConfig(V=c.vocab_size, **c.model)  # the tokenizer's size is not known yet
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.abstract(cfg)[1]))
+    rows = c.batch_size // c.grad_accumulation_steps
+    per_token = cfg.N * (16 * cfg.D + 2 * cfg.F + 2 * cfg.H * cfg.L) + 2 * cfg.D
+    K, lanes = len(group), lanes_of(c, len(group))
+    state, activations = 4 * params, 4 * rows * cfg.L * per_token  # params, grads, moments
+    need = K * state + lanes * activations
+    if need > available:
+      raise ValueError(
+        f'sweep: a group of {K} variants needs about {need / 2**30:.1f} GiB ({K} x '
+        f'{state / 2**30:.2f} GiB of state, {lanes} x {activations / 2**30:.2f} GiB of '
+        f'activations), more than the {available / 2**30:.1f} GiB available; sweep fewer values '
+        'at once, or a smaller model.'
+      )
 
 
 def _available_memory() -> int:

@@ -39,7 +39,7 @@ STACKED = (
 RUN_KEYS = (
   'workdir sweep checkpoint_restore_dir hf_init_dir train_minutes cache_dir tokenize_workers '
   'peak_tflops profile_steps wandb_project wandb_entity log_every_steps eval_every_steps '
-  'checkpoint_every_steps max_to_keep'
+  'checkpoint_every_steps max_to_keep sweep_vmap'
 ).split()
 SWEEP_FILE = 'sweep.json'
 GROUPS = 'groups'
@@ -152,6 +152,12 @@ def plan(c: ml_collections.ConfigDict) -> list[tuple[ml_collections.ConfigDict, 
   for key in ('train_minutes', 'hf_init_dir', 'checkpoint_restore_dir'):
     if c[key]:
       raise ValueError(f'{key}={c[key]!r} is not valid with a sweep; give it to single runs only.')
+  sizes = [len(g) for g in groups(found)]
+  if c.sweep_vmap < 0 or any(k % c.sweep_vmap for k in sizes if c.sweep_vmap):
+    raise ValueError(
+      f'sweep_vmap={c.sweep_vmap} is not valid: 0, or a divisor of the variants of every group '
+      f'({", ".join(map(str, sizes))}).'
+    )
   return [(group_config(c, g), g) for g in groups(found)]
 
 

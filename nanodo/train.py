@@ -89,14 +89,9 @@ def _logger(
   config = json.loads(c.to_json_best_effort())
   writer = metrics.Writer(c.workdir, step, config, c.wandb_project, c.wandb_entity)
   flops_per_token = metrics.model_flops_per_token(params, cfg.D, cfg.L, cfg.N, cfg.V)
-  settings = dict(
-    num_steps=c.opt.num_train_steps,
-    log_every=c.log_every_steps,
-    row_tokens=len(group or [0]) * c.batch_size * cfg.L,  # a stack trains every variant's rows
-    flops_per_token=flops_per_token,
-    peak_tflops=c.peak_tflops,
-    dtype=cfg.dtype,
-  )
+  rows = len(group or [0]) * c.batch_size * cfg.L  # a stack trains every variant's rows
+  settings = dict(num_steps=c.opt.num_train_steps, log_every=c.log_every_steps, row_tokens=rows)
+  settings |= dict(flops_per_token=flops_per_token, peak_tflops=c.peak_tflops, dtype=cfg.dtype)
   if group:
     return stack.SweepLogger([v.id for v in group], writer, Progress(), step, **settings)
   return metrics.StepLogger(writer, Progress(), step, **settings)

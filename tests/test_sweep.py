@@ -196,6 +196,13 @@ def test_the_command_trains_six_variants_in_two_groups_and_reports(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     expected = r['variants'][3] if variant is not None else best
     assert f'loss {expected["eval_loss"]:.4f}' in evaluated.stdout
+  sampled = _nanodo('sample', f'--workdir={workdir}', '--variant=5', '--prompt=ROMEO:')
+  sampled = sampled.stdout + sampled.stderr
+  assert 'ROMEO:' in sampled and 'error' not in sampled, sampled[-2000:]
+  out_dir = str(tmp_path / 'hf')
+  exported = _nanodo('export', f'--workdir={workdir}', '--variant=2', f'--out={out_dir}')
+  assert exported.returncode == 0, exported.stderr[-2000:]
+  assert os.path.exists(os.path.join(out_dir, 'config.json'))
   bad = _nanodo('eval', f'--workdir={workdir}', '--variant=6')
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines() == [

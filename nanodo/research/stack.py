@@ -34,8 +34,9 @@ from nanodo.infra import metrics, validate
 from nanodo.research import sweep
 
 NOT_DIVERGED = -1
-# The config's keys under opt that the optimizer reads as numbers.
-OPT_NUMBERS = ('weight_decay', 'b1', 'b2', 'eps', 'peak_learning_rate')
+# The stacked keys the optimizer and the loss read as numbers; the schedule's other keys reach the
+# step through the table of learning rates only.
+NUMBERS = ('opt.weight_decay', 'opt.b1', 'opt.b2', 'opt.eps', 'opt.peak_learning_rate')
 LOSS_NUMBERS = ('label_smoothing', 'z_loss')
 
 
@@ -45,7 +46,7 @@ def hyper_parameters(c: ml_collections.ConfigDict, group: list[sweep.Variant]) -
   steps_T = jnp.arange(c.opt.num_train_steps + 1)
   lr_KxT = jnp.stack([jax.jit(optimizer.get_schedule(g.opt))(steps_T) for g in configs])
   hp = {'lr': lr_KxT}
-  swept = {k for v in group for k in v.values if k in sweep.STACKED and k != 'seed'}
+  swept = {k for v in group for k in v.values if k in NUMBERS + LOSS_NUMBERS}
   for key in sorted(swept):
     hp[key] = jnp.asarray([sweep.value_of(g, key) for g in configs], jnp.float32)
   return hp

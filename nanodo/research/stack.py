@@ -48,7 +48,7 @@ def hyper_parameters(c: ml_collections.ConfigDict, group: list[sweep.Variant]) -
   hp = {'lr': lr_KxT}
   swept = {k for v in group for k in v.values if k in NUMBERS + LOSS_NUMBERS}
   for key in sorted(swept):
-    hp[key] = jnp.asarray([sweep.value_of(g, key) for g in configs], jnp.float32)
+    hp[key] = jnp.asarray([g[key] for g in configs], jnp.float32)
   return hp
 
 
@@ -114,11 +114,11 @@ def build_steps(
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (K, *x.shape)), variant)
     return {'step': jnp.zeros((), jnp.int32)} | stacked  # the step count is the stack's
 
-  stacked = P(sharding.BATCH) if K % mesh.size == 0 else P()
-  spread = f'{K // mesh.size} per device' if stacked else 'each on every device'
+  spec_K = P(sharding.BATCH) if K % mesh.size == 0 else P()
+  spread = f'{K // mesh.size} per device' if spec_K else 'each on every device'
   lanes = lanes_of(c, K)
   log(f'sweep group: {K} variants stacked, {spread} of {mesh.size}, {lanes} at a time.')
-  specs = {'step': P(), 'params': stacked, 'opt_state': stacked, 'diverged_at': stacked}
+  specs = {'step': P(), 'params': spec_K, 'opt_state': spec_K, 'diverged_at': spec_K}
   shardings = {
     k: jax.tree.map(lambda _, s=specs[k]: NamedSharding(mesh, s), v)
     for k, v in jax.eval_shape(init).items()

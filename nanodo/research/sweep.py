@@ -8,6 +8,7 @@ values is a group of its own, trained one after another in the same process, in 
 its own under the sweep's (groups/<g>).
 """
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -63,7 +64,7 @@ def _value(key: str, text: str, kind: type) -> object:
       raise ValueError(f'sweep: {key}={text!r} is not valid: {valid}.')
     return text == 'True'
   try:
-    return kind(text) if kind is not int else int(text)
+    return kind(text)
   except ValueError:
     raise ValueError(f'sweep: {key}={text!r} is not valid: must be a {kind.__name__}.') from None
 
@@ -77,12 +78,13 @@ def parse(spec: str) -> list[tuple[str, list]]:
     if not sep or not key:
       valid = "each item is key=v1,v2,..., e.g. 'seed=0,1'"
       raise ValueError(f'sweep={spec!r} is not valid: {item!r}: {valid}.')
-    node = declared
-    for part in key.split('.'):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        keys = 'the keys are those of nanodo/configs/default.py'
-        raise ValueError(f'sweep: {key} is not a config key; {keys}.')
-      node = node[part]
+    try:
+      node = declared[key]  # ConfigDict reads dotted keys
+    except (KeyError, AttributeError, TypeError):
+      node = declared
+    if isinstance(node, ml_collections.ConfigDict):  # not there, or not a value
+      keys = 'the keys are those of nanodo/configs/default.py'
+      raise ValueError(f'sweep: {key} is not a config key; {keys}.')
     if key.split('.')[0] in (*RUN_KEYS, 'mesh', 'distributed'):
       raise ValueError(f'sweep: {key} cannot be swept: it is a setting of the run, one per sweep.')
     texts = values.split(',')
@@ -95,22 +97,10 @@ def parse(spec: str) -> list[tuple[str, list]]:
   return pairs
 
 
-def value_of(c: ml_collections.ConfigDict, key: str) -> object:
-  """The value of a dotted key of c."""
-  for part in key.split('.'):
-    c = c[part]
-  return c
-
-
 def with_values(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-  """c with the given values ({'opt.b1': 0.8, ...}) and no sweep."""
-  new = ml_collections.ConfigDict(c.to_dict())
-  for key, value in values.items():
-    *parents, leaf = key.split('.')
-    node = new
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  """A copy of c with the given values ({'opt.b1': 0.8, ...}) and no sweep."""
+  new = copy.deepcopy(c)
+  new.update_from_flattened_dict(values)
   new.sweep = ''
   return new
 

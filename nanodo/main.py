@@ -1,12 +1,13 @@
 """Entry point: `nanodo [train] --config=...` trains; the other commands read runs."""
 
+import os
 import sys
 
 import jax
 from absl import app
 
 from nanodo import train
-from nanodo.infra import checkpoint, host, orbax_logs
+from nanodo.infra import checkpoint, host, orbax_logs, workdir
 from nanodo.tools import commands
 
 
@@ -21,6 +22,11 @@ def train_command(argv: list[str]) -> None:
     result = train.train_and_evaluate(c)
   except (ValueError, FloatingPointError, ConnectionError, checkpoint.SaveError) as e:
     sys.exit(f'error: {e}')
+  except OSError as e:  # a full disk, wherever it is met
+    line = checkpoint.no_room(e, os.path.join(c.workdir, workdir.CHECKPOINTS))
+    if line is None:
+      raise
+    sys.exit(f'error: {line}')
   except KeyboardInterrupt:
     sys.exit('Interrupted; the checkpoints written so far are kept.')
   if result and 'variants' not in result and jax.process_index() == 0:  # a sweep's report: logged

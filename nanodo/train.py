@@ -53,7 +53,7 @@ def _run(c: ConfigDict, group: list[sweep.Variant] | None = None) -> dict:
       inputs = load_inputs(c, mesh)
     # Compiled steps are cached in the workdir: a resumed run starts without recompiling.
     jax.config.update('jax_compilation_cache_dir', os.path.join(c.workdir, workdir.COMPILE_CACHE))
-    cfg = ModelConfig(V=inputs.sp.vocab_size(), **c.model)
+    cfg = ModelConfig(V=inputs.V, **c.model)
     opts = StepConfig.of(c)
     if group:
       steps = stack.build_steps(cfg, opts, c, group, mesh)
@@ -66,7 +66,7 @@ def _run(c: ConfigDict, group: list[sweep.Variant] | None = None) -> dict:
       restored = (inputs.batches, c.checkpoint_restore_dir)
       state, start = checkpoint.start(mngr, steps.state, steps.shardings, *restored)
       if not start and c.hf_init_dir:
-        state, start = hf_import.start(c.hf_init_dir, cfg, state, steps.shardings)
+        state, start = hf_import.start(c.hf_init_dir, cfg, state, steps.shardings, c.workdir)
       if c.train_minutes:
         every = c.eval_every_steps
         timed = (steps, state, inputs.batches, inputs.eval_data, inputs.batch_sharding)
@@ -122,6 +122,8 @@ def _loop(
   trace = range(step + 1, min(step + 1 + c.profile_steps, total))
   result = {}
   try:
+    if step == 0 and c.eval_at_start:  # the held-out metrics of the initial (or imported) weights
+      logger.evaluation(0, evaluate(steps.eval_step, state['params'], *held_out))
     while step < total and not stop.name:
       if trace and step == trace.start:
         jax.profiler.start_trace(c.workdir)

@@ -126,10 +126,12 @@ def test_a_failed_last_save_ends_the_run_with_its_error_and_the_next_run_redoes_
 # Runs argv with files that stop growing past 64 KiB, as on a full disk: a write past it fails
 # with EFBIG (SIGXFSZ ignored). The other files of the run stay under it; a checkpoint's arrays
 # do not.
-SMALL_FILES_ONLY = """
+SIZE_LIMIT = 1 << 16
+SMALL_FILES_ONLY = f"""
 import os, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+limit = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, ({SIZE_LIMIT}, limit))
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 
@@ -168,3 +170,36 @@ def test_a_full_disk_stops_the_command_in_one_line_and_the_same_command_resumes(
   assert f'starting at step {stopped} of {NUM_STEPS}.' in out.stdout
   assert step_losses(workdir) == expected  # each step once, as in an unbroken run
   assert os.listdir(checkpoints) == [str(NUM_STEPS)]  # the failed save's files removed
+
+
+def test_a_full_disk_while_metrics_are_written_ends_in_one_line_and_the_same_command_resumes(
+  reference, tmp_path
+):
+  """metrics.jsonl a row short of the size limit: the next row finds no room, before a save."""
+  reference_dir, expected = reference
+  workdir, stopped = str(tmp_path / 'run'), NUM_STEPS - 4
+  shutil.copytree(reference_dir, workdir)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  for name in _complete(checkpoints):
+    if int(name) > stopped:
+      shutil.rmtree(os.path.join(checkpoints, name))
+  rows = [json.dumps(r) + '\n' for r in metric_rows(workdir) if r['step'] <= stopped]
+  padding = [rows[0]] * ((SIZE_LIMIT - 100 - len(''.join(rows))) // len(rows[0]))
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  with open(metrics, 'w', encoding='utf-8') as f:
+    f.writelines(padding + rows)  # rows of steps up to `stopped`: a resume keeps them all
+  command = [sys.executable, '-c', SMALL_FILES_ONLY, *guarded_command(workdir, NUM_STEPS)[1:]]
+  quiet_cache = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '1e9'}
+  full = subprocess.run(command, capture_output=True, text=True, timeout=900, env=quiet_cache)
+  why = f'[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}'
+  kept = f'the last complete checkpoint is step {stopped} in {checkpoints}'
+  line = f'{metrics} could not be written (OSError: {why}); {kept}. Free some space and run the '
+  assert full.stderr == f'error: {line}same command to resume.\n', full.stderr[-3000:]
+  assert full.returncode == 1 and _complete(checkpoints) == [str(stopped)]
+  with open(metrics, encoding='utf-8') as f:
+    lines = f.readlines()
+  assert lines[: len(padding + rows)] == padding + rows  # a torn row at most after them
+  out = run_guarded(workdir, NUM_STEPS)  # with room again
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'starting at step {stopped} of {NUM_STEPS}.' in out.stdout
+  assert step_losses(workdir)[len(padding) :] == expected  # each step once, as unbroken

@@ -17,7 +17,6 @@ from conftest import tiny_config, tiny_model_config
 from flax import nnx
 
 from nanodo import train
-from nanodo.corpora import tokenizer
 from nanodo.model import TransformerDecoder
 from nanodo.tools import sample
 from nanodo.tools.sample import init_cache
@@ -127,7 +126,7 @@ def test_eos_ends_a_row_and_the_loop_ends_when_every_row_has():
   recorder = _Steps()
   out = _generate(model, prompt_BxP, length_B, eos_id=eos, on_token=recorder)[0]
   np.testing.assert_array_equal(out[:end], greedy[:end])
-  assert (out[end:] == tokenizer.PAD_ID).all()
+  assert (out[end:] == sample.NO_TOKEN).all()
   assert sorted(recorder.steps) == list(range(end))
 
 

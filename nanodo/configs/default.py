@@ -139,6 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.wandb_project = ''
   c.wandb_entity = ''  # '': the W&B default entity.
   c.eval_every_steps = 500
+  c.eval_at_start = False  # also before the first step: a fine-tune's baseline (hf_init_dir)
   c.checkpoint_every_steps = 200
   c.max_to_keep = 3
   # Restore the latest checkpoint of this directory when the workdir has none.

@@ -6,7 +6,6 @@ import os
 import grain
 import jax
 import ml_collections
-import sentencepiece as spm
 from jax.experimental import multihost_utils
 
 from nanodo import data, sharding
@@ -20,21 +19,23 @@ from nanodo.infra import workdir
 class Inputs:
   """What a run reads: its tokenizer, the token ids of both splits, their batches."""
 
-  sp: spm.SentencePieceProcessor
+  sp: tokenizer.Tokenizer
   train_tokens: Tokens
   eval_tokens: Tokens
   batches: grain.DatasetIterator
   eval_data: data.EvalData
   batch_sharding: jax.sharding.NamedSharding
   summary: str  # the source, its documents and the tokenizer, in a line
+  V: int  # the model's vocabulary: the tokenizer's, or an imported model's (may be padded beyond)
 
 
 def get_tokenizer(
   path: str | None, vocab_size: int, checked: bool, out: str, split: sources.Split
-) -> spm.SentencePieceProcessor:
+) -> tokenizer.Tokenizer:
   """The tokenizer at path; else one of vocab_size pieces trained on split's documents to out.
 
-  Unless checked (a vocab_path given), a tokenizer found at path must have vocab_size pieces.
+  Unless checked (a vocab_path or hf_init_dir given), a tokenizer found at path must have
+  vocab_size pieces.
   Process 0 trains it; the other processes wait for it, then load it.
   """
   if path is None and jax.process_index() == 0:
@@ -57,7 +58,8 @@ def load_inputs(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Inputs
   eval_split = sources.get_split(src, 'eval')
   found = workdir.tokenizer_path(c.vocab_path, c.workdir, c.checkpoint_restore_dir, c.hf_init_dir)
   out = os.path.join(c.workdir, workdir.TOKENIZER)
-  sp = get_tokenizer(found, c.vocab_size, bool(c.vocab_path), out, train_split)
+  checked = bool(c.vocab_path or c.hf_init_dir)
+  sp = get_tokenizer(found, c.vocab_size, checked, out, train_split)
   cache_dir = workdir.cache_dir(c.cache_dir, c.workdir)
   train_tokens = token_cache.load_shared(train_split, sp, cache_dir, c.tokenize_workers)
   eval_tokens = token_cache.load_shared(eval_split, sp, cache_dir, c.tokenize_workers)
@@ -72,4 +74,5 @@ def load_inputs(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Inputs
   tokens = f'{len(train_tokens.ids) / 1e6:.2f}M tokens, {c.packing}'
   train = f'{documents(train_tokens, "train")} ({tokens})'
   summary = f'{c.ds_name}, {train}, {held_out}; tokenizer: {found or out}, {sp.vocab_size()} pieces'
-  return Inputs(sp, train_tokens, eval_tokens, iter(ds), eval_data, batch_sharding, summary)
+  V = c.vocab_size if c.hf_init_dir else sp.vocab_size()
+  return Inputs(sp, train_tokens, eval_tokens, iter(ds), eval_data, batch_sharding, summary, V)

@@ -21,15 +21,15 @@ from concurrent import futures
 
 import jax
 import numpy as np
-import sentencepiece as spm
 from jax.experimental import multihost_utils
 
 from nanodo.corpora.sources import Split
+from nanodo.corpora.tokenizer import Tokenizer, from_bytes
 from nanodo.data import Tokens
 from nanodo.ground import files
 from nanodo.ground.console import log
 
-FORMAT = 4  # 3: the arrays' checksums; 4: NumPy files
+FORMAT = 5  # 3: the arrays' checksums; 4: NumPy files; 5: bytes counted from the text
 _ARRAYS = ('tokens.npy', 'offsets.npy')
 _CHUNK_BYTES = 1 << 24  # read at once when checksumming: constant memory for any size
 _TASK_BYTES = 1 << 20  # text sent to a worker at once
@@ -41,7 +41,7 @@ class CacheError(ValueError):
   """A cache that cannot be used: stale, incomplete or corrupt."""
 
 
-def load(split: Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: int) -> Tokens:
+def load(split: Split, sp: Tokenizer, cache_dir: str, workers: int) -> Tokens:
   """The tokens of split under sp from cache_dir; built first if missing, stale or corrupt."""
   tokenizer_hash = hashlib.sha256(sp.serialized_model_proto()).hexdigest()
   base = os.path.join(cache_dir, f'{split.name}-{tokenizer_hash[:12]}')
@@ -55,9 +55,7 @@ def load(split: Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: 
   return read(base, expected)
 
 
-def load_shared(
-  split: Split, sp: spm.SentencePieceProcessor, cache_dir: str, workers: int
-) -> Tokens:
+def load_shared(split: Split, sp: Tokenizer, cache_dir: str, workers: int) -> Tokens:
   """load, by every process of a run: process 0 builds the cache while the others wait."""
   # Process 0 opens it once: opening verifies its checksums, which reads it whole.
   tokens = load(split, sp, cache_dir, workers) if jax.process_index() == 0 else None
@@ -71,6 +69,8 @@ def read(base: str, expected: dict[str, object]) -> Tokens:
   try:
     with open(base + '.json', encoding='utf-8') as f:
       meta = json.load(f)
+    if not isinstance(meta, dict):
+      raise CacheError('its metadata is not a JSON object (corrupt)')
     changed = [key for key, value in expected.items() if meta.get(key) != value]
     if changed:
       raise CacheError(f'its {changed[0]} changed')
@@ -103,10 +103,10 @@ def _crc32(path: str) -> int:
   return crc
 
 
-def _encode(sp: spm.SentencePieceProcessor, docs: list[str], threads: int) -> Encoded:
-  """Each document's ids with BOS and EOS, and the UTF-8 size of their decoded text."""
+def _encode(sp: Tokenizer, docs: list[str], threads: int) -> Encoded:
+  """Each document's ids with BOS and EOS, and the UTF-8 size of its text (never of its tokens)."""
   ids = sp.encode(docs, add_bos=True, add_eos=True, num_threads=threads)
-  sizes = [len(text.encode('utf-8')) for text in sp.decode(ids, num_threads=threads)]
+  sizes = [len(text.encode('utf-8', 'surrogatepass')) for text in docs]
   return [(np.asarray(x, np.int32), n) for x, n in zip(ids, sizes, strict=True)]
 
 
@@ -115,7 +115,7 @@ _worker_sp = None
 
 def _init_worker(model_proto: bytes) -> None:
   global _worker_sp
-  _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
+  _worker_sp = from_bytes(model_proto)
 
 
 def _encode_in_worker(docs: list[str]) -> Encoded:
@@ -135,7 +135,7 @@ def _tasks(docs: Iterable[str]) -> Iterator[list[str]]:
     yield task
 
 
-def encoded(docs: Iterable[str], sp: spm.SentencePieceProcessor, workers: int) -> Iterator[Encoded]:
+def encoded(docs: Iterable[str], sp: Tokenizer, workers: int) -> Iterator[Encoded]:
   """Encoded groups of documents, in order; with workers > 1, by that many processes."""
   if workers == 1:  # SentencePiece's threads, one per core
     yield from (_encode(sp, task, threads=os.cpu_count() or 1) for task in _tasks(docs))
@@ -153,9 +153,7 @@ def encoded(docs: Iterable[str], sp: spm.SentencePieceProcessor, workers: int) -
     yield from (future.result() for future in pending)
 
 
-def build(
-  split: Split, sp: spm.SentencePieceProcessor, base: str, meta: dict[str, object], workers: int
-) -> None:
+def build(split: Split, sp: Tokenizer, base: str, meta: dict[str, object], workers: int) -> None:
   """Tokenizes every document of split into the cache at base; nothing is left half-written."""
   os.makedirs(os.path.dirname(base) or '.', exist_ok=True)
   dtype = np.dtype(np.uint16 if sp.vocab_size() <= 1 << 16 else np.int32)

@@ -1,4 +1,4 @@
-"""SentencePiece: load a model, or train one from a corpus."""
+"""Tokenizers: SentencePiece (trained here by default) or a Hugging Face tokenizer.json."""
 
 import io
 import os
@@ -6,15 +6,21 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from nanodo.corpora import tokenizer_json
 from nanodo.ground import files
+
+# What data, the token cache, evaluation, sampling and export call: SentencePiece's methods.
+Tokenizer = spm.SentencePieceProcessor | tokenizer_json.HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Sentences longer than this are split before training (SentencePiece drops them).
 _MAX_SENTENCE_BYTES = 4096
 
 
-def load(path: str) -> spm.SentencePieceProcessor:
-  """Loads a SentencePiece model; it must have BOS and EOS pieces and pad id 0."""
+def load(path: str) -> Tokenizer:
+  """A tokenizer.json (tokenizer_json.load), else a SentencePiece model with BOS, EOS, pad id 0."""
+  if path.endswith('.json'):
+    return tokenizer_json.load(path)
   try:
     sp = spm.SentencePieceProcessor(model_file=path)
   except (OSError, RuntimeError) as e:
@@ -26,6 +32,20 @@ def load(path: str) -> spm.SentencePieceProcessor:
       f'vocab_path={path!r} must keep id {PAD_ID} for padding (pad_id={sp.pad_id()}).'
     )
   return sp
+
+
+def from_bytes(data: bytes) -> Tokenizer:
+  """The tokenizer of its serialized_model_proto() bytes (a SentencePiece proto or JSON)."""
+  if data.startswith(b'{'):
+    return tokenizer_json.from_bytes(data)
+  return spm.SentencePieceProcessor(model_proto=data)
+
+
+def prompt_ids(sp: Tokenizer, text: str) -> list[int]:
+  """A prompt's ids: after BOS (SentencePiece), or as the Hugging Face tokenizer encodes it."""
+  if isinstance(sp, tokenizer_json.HFTokenizer):
+    return sp.prompt(text)
+  return [sp.bos_id(), *sp.encode(text)]
 
 
 def _sentences(texts: Iterable[str]) -> Iterable[str]:

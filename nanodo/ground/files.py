@@ -14,14 +14,35 @@ def replaced(path: str) -> Iterator[str]:
   head, name = os.path.split(os.path.abspath(path))
   tmp = os.path.join(head, f'.{name}.tmp{os.getpid()}')
   try:
-    yield tmp
-    os.replace(tmp, path)  # a directory replaces only an empty one
+    with naming(path, tmp):
+      yield tmp
+      os.replace(tmp, path)  # a directory replaces only an empty one
   finally:
     if os.path.isdir(tmp) and not os.path.islink(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
     else:
       with contextlib.suppress(FileNotFoundError):
         os.remove(tmp)
+
+
+@contextlib.contextmanager
+def naming(path: str, *aliases: str) -> Iterator[None]:
+  """An OSError of the block names path: a file object's write errors name no file (and a
+  temporary file, one of aliases, is not what the reader needs to know)."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None and e.filename not in aliases:
+      raise
+    raise OSError(e.errno, e.strerror, path) from None
+
+
+def drop_torn_line(path: str) -> None:
+  """Cuts a last line that a kill or a full disk left without its newline, if path has one."""
+  with contextlib.suppress(FileNotFoundError), open(path, 'rb+') as f:
+    data = f.read()
+    if data and not data.endswith(b'\n'):
+      f.truncate(data.rfind(b'\n') + 1)
 
 
 def write_text(path: str, text: str) -> None:

@@ -116,12 +116,25 @@ def decide(
 
 
 def read(path: str) -> Decision | None:
-  """The decision kept in the workdir at path; None if there is none."""
+  """The decision kept in the workdir at path; None if there is none; ValueError naming the file
+  if it is damaged or edited into one that no timing gives."""
   file = os.path.join(path, workdir.BUDGET)
   if not os.path.exists(file):
     return None
-  with open(file, encoding='utf-8') as f:
-    return Decision(**json.load(f))
+  try:
+    with open(file, encoding='utf-8') as f:
+      d = json.load(f)
+    decision = Decision(**d) if isinstance(d, dict) else None
+  except (OSError, ValueError, TypeError) as e:
+    problem = f'unreadable ({e})'
+  else:
+    values = dataclasses.asdict(decision).values() if decision else [None]
+    if all(type(v) in (int, float) and v >= 0 for v in values):
+      if type(decision.num_train_steps) is int:
+        return decision
+    problem = f'not a decision of train_minutes: {json.dumps(d)[:200]}'
+  fix = 'delete it to time the steps again, or give another workdir'
+  raise ValueError(f'{file} is {problem}; it keeps the steps this run bought: {fix}.')
 
 
 def write(path: str, decision: Decision) -> None:

@@ -1,28 +1,23 @@
 """Step metrics and where they go: JSON lines, TensorBoard and (if configured) Weights & Biases."""
 
 import contextlib
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import re
-import subprocess
 import time
 import uuid
 
 import jax
 import numpy as np
-import tensorboardX
 
 from nanodo.ground import files
 from nanodo.ground.console import Progress, fmt, log
 from nanodo.ground.tree import PyTree, path_str
-from nanodo.infra import peaks, workdir
+from nanodo.infra import events, peaks, run_record, workdir
 from nanodo.model import ModelConfig
 
 EMBEDDINGS = r'^(embed_VxD|pos_LxD|head_DxV)$'
-PACKAGES = 'nanodo jax jaxlib flax optax orbax-checkpoint grain numpy sentencepiece'.split()
 
 
 def param_counts(params: PyTree) -> dict[str, int]:
@@ -50,29 +45,6 @@ def banner(params: PyTree, cfg: ModelConfig, data: str) -> None:
   devices = f'{jax.device_count()} {jax.devices()[0].platform} device(s)'
   log(f'mesh: {mesh} over {devices}, {jax.process_count()} process(es)')
   log(f'data: {data}')
-
-
-def versions() -> dict[str, str]:
-  """Python's version and the installed versions of the packages a run depends on."""
-  found = {'python': platform.python_version()}
-  for name in PACKAGES:
-    try:
-      found[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      found[name] = 'not installed'
-  return found
-
-
-def git_commit() -> str | None:
-  """The git commit of nanodo's source ('+dirty' with uncommitted changes); None outside git."""
-  git = lambda *args: subprocess.run(
-    ['git', *args], cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=10
-  ).stdout.strip()
-  try:
-    commit, dirty = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no')
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return (commit + ('+dirty' if dirty else '')) or None
 
 
 def drop_rows_after(workdir_path: str, step: int) -> None:
@@ -104,14 +76,13 @@ class Writer:
     self._file = self._tb = self._wandb = None
     if not self.is_main:
       return
-    self._file = open(os.path.join(path, workdir.METRICS), 'a', encoding='utf-8')
+    self._path = os.path.join(path, workdir.METRICS)
+    self._file = open(self._path, 'a', encoding='utf-8')
     # A resumed run's TensorBoard hides the events of steps after the restored one.
-    self._tb = tensorboardX.SummaryWriter(path, purge_step=step + 1 if step else None)
-    hparams = {'config': config, 'versions': versions(), 'git_commit': git_commit()}
-    with open(os.path.join(path, workdir.HPARAMS), 'a', encoding='utf-8') as f:
-      f.write(json.dumps({'step': step, 'time': time.time(), **hparams}) + '\n')
+    self._tb = events.Events(path, purge_step=step + 1 if step else None)
+    hparams = run_record.append(path, step, config)
     for key, value in hparams.items():
-      self._tb.add_text(f'hparams/{key}', f'```\n{json.dumps(value, indent=2)}\n```', step)
+      self._tb.text(f'hparams/{key}', f'```\n{json.dumps(value, indent=2)}\n```', step)
     self._tb.flush()
     if wandb_project:
       self._wandb = _wandb_run(path, wandb_project, wandb_entity, hparams)
@@ -123,11 +94,12 @@ class Writer:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
     tagged = {'variant': variant} if variant is not None else {}
-    self._file.write(json.dumps({'step': step, **tagged, 'time': time.time(), **metrics}) + '\n')
-    self._file.flush()
+    with files.naming(self._path):  # a full disk: the rows before stay whole (drop_rows_after)
+      self._file.write(json.dumps({'step': step, **tagged, 'time': time.time(), **metrics}) + '\n')
+      self._file.flush()
     tag = '' if variant is None else f'v{variant}/'
     for k, v in metrics.items():
-      self._tb.add_scalar(tag + k, v, step)
+      self._tb.scalar(tag + k, v, step)
     if flush:
       self._tb.flush()
     if self._wandb is not None:
@@ -135,8 +107,9 @@ class Writer:
 
   def close(self) -> None:
     if self._file:
-      self._file.close()
       self._tb.close()
+      with files.naming(self._path):
+        self._file.close()
     if self._wandb is not None:
       self._wandb.finish()
 

@@ -19,6 +19,9 @@ CHECKPOINTS, CONFIG, LOCK = 'checkpoints', 'config.json', 'lock'
 METRICS, HPARAMS, WANDB_ID = 'metrics.jsonl', 'hparams.jsonl', 'wandb_run_id'
 TOKENIZER, TOKEN_CACHE, COMPILE_CACHE = 'tokenizer.model', 'token_cache', 'compile_cache'
 BUDGET = 'budget.json'  # train_minutes' step count (nanodo/infra/budget.py)
+# A Hugging Face model's own files but its weights (its tokenizer.json, configs, chat template),
+# kept by a run started from it (hf_init_dir) for its evaluation, sampling and export.
+HF_FILES, TOKENIZER_JSON = 'hf_files', 'tokenizer.json'
 
 
 def _entries(path: str) -> set[str]:
@@ -145,8 +148,10 @@ def cache_dir(cache_dir: str, workdir: str) -> str:
 
 
 def tokenizer_path(vocab_path: str, *dirs: str) -> str | None:
-  """vocab_path; else the tokenizer of the first of dirs (workdir, restore dirs) holding one."""
+  """vocab_path; else the tokenizer of the first of dirs (workdir, restore dirs) holding one:
+  its SentencePiece model, else its Hugging Face tokenizer.json."""
   if vocab_path:
     return vocab_path
-  found = [os.path.join(d, TOKENIZER) for d in dirs if d]
+  names = (TOKENIZER, os.path.join(HF_FILES, TOKENIZER_JSON), TOKENIZER_JSON)
+  found = [os.path.join(d, name) for d in dirs if d for name in names]
   return next((p for p in found if os.path.exists(p)), None)

@@ -6,7 +6,6 @@ import shutil
 
 import jax
 import numpy as np
-import sentencepiece as spm
 
 from nanodo.corpora import tokenizer
 from nanodo.ground import files, tree
@@ -14,7 +13,7 @@ from nanodo.infra import workdir
 from nanodo.tools import hf_families, trained
 
 
-def _tokenizer_config(sp: spm.SentencePieceProcessor, L: int) -> dict:
+def _tokenizer_config(sp: tokenizer.Tokenizer, L: int) -> dict:
   """tokenizer_config.json: the special pieces; those in a text are text, as in SentencePiece."""
   ids = {'bos': sp.bos_id(), 'eos': sp.eos_id(), 'unk': sp.unk_id(), 'pad': sp.pad_id()}
   pieces = {f'{k}_token': sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
@@ -41,12 +40,20 @@ def export(path: str, out: str, step: int | None = None, variant: int | None = N
   run = trained.load(path, step, variant)
   vocab, sp = trained.tokenizer_path(run.config), run.sp
   config = hf_families.hf_config(run.cfg, name, sp)
-  texts = {
-    'config.json': config,
-    'generation_config.json': {k: v for k, v in config.items() if k.endswith('_token_id')},
-    'tokenizer.json': tokenizer.hf_tokenizer(vocab),
-    'tokenizer_config.json': _tokenizer_config(sp, run.cfg.L),
-  }
+  if vocab.endswith('.json'):  # an imported model's own files, verbatim; its config.json's keys
+    kept = os.path.dirname(vocab)
+    copied = [n for n in sorted(os.listdir(kept)) if n != 'config.json']
+    texts = {'config.json': {**config, **_original_config(kept), 'dtype': 'float32'}}
+  else:
+    copied, texts = (
+      [],
+      {
+        'config.json': config,
+        'generation_config.json': {k: v for k, v in config.items() if k.endswith('_token_id')},
+        'tokenizer.json': tokenizer.hf_tokenizer(vocab),
+        'tokenizer_config.json': _tokenizer_config(sp, run.cfg.L),
+      },
+    )
   tensors = hf_families.to_hf(run.cfg, name, tree.by_path(jax.device_get(run.params)))
   # Contiguous: safetensors writes an array's memory as it lies, whatever its strides.
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
@@ -56,5 +63,19 @@ def export(path: str, out: str, step: int | None = None, variant: int | None = N
       with open(os.path.join(tmp, file), 'w', encoding='utf-8') as f:
         json.dump(content, f, indent=2, ensure_ascii=False)
     save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
-    shutil.copyfile(vocab, os.path.join(tmp, workdir.TOKENIZER))  # SentencePiece's own, for import
+    for file in copied:
+      shutil.copyfile(os.path.join(os.path.dirname(vocab), file), os.path.join(tmp, file))
+    if not vocab.endswith('.json'):  # SentencePiece's own model, for an import
+      shutil.copyfile(vocab, os.path.join(tmp, workdir.TOKENIZER))
   return name
+
+
+def _original_config(kept: str) -> dict:
+  """The config.json of the model a run was started from, without its dtype (ours is float32)."""
+  try:
+    with open(os.path.join(kept, 'config.json'), encoding='utf-8') as f:
+      return {k: v for k, v in json.load(f).items() if k not in ('dtype', 'torch_dtype')}
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{os.path.join(kept, "config.json")} is unreadable ({e}).') from None

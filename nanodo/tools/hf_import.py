@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -10,7 +11,7 @@ import numpy as np
 
 from nanodo.configs import default
 from nanodo.corpora import tokenizer
-from nanodo.ground import tree
+from nanodo.ground import files, tree
 from nanodo.ground.tree import PyTree
 from nanodo.infra import workdir
 from nanodo.model import ModelConfig
@@ -120,14 +121,14 @@ def config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   except KeyError as e:
     raise ValueError(f'{where}: its config.json has no {e}, which nanodo needs.') from None
   new = _merged(c, keys, where)
-  vocab = c.vocab_path or os.path.join(path, workdir.TOKENIZER)
-  if not os.path.isfile(vocab):
-    only = 'nanodo reads SentencePiece tokenizers only, or give vocab_path'
-    raise ValueError(f'{where} has no {workdir.TOKENIZER}: {only}.')
+  vocab = workdir.tokenizer_path(c.vocab_path, path)
+  if vocab is None:
+    names = f'{workdir.TOKENIZER} (SentencePiece) nor {workdir.TOKENIZER_JSON} (Hugging Face)'
+    raise ValueError(f'{where} has neither {names}; give vocab_path.')
   pieces = tokenizer.load(vocab).vocab_size()
-  if pieces != new.vocab_size:
+  if pieces > new.vocab_size:  # a larger one is padded, as Qwen3's and OLMo's are
     held = f"its config.json's vocab_size={new.vocab_size}"
-    raise ValueError(f'{where}: {held} differs from the {pieces} pieces of {vocab}.')
+    raise ValueError(f'{where}: {held} is smaller than the {pieces} tokens of {vocab}.')
   _check_tensors(ModelConfig(V=new.vocab_size, **new.model), name, path, where)
   return new
 
@@ -145,8 +146,24 @@ def params(path: str, cfg: ModelConfig, like: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda p, x: flat[tree.path_str(p)].astype(x.dtype), like)
 
 
-def start(path: str, cfg: ModelConfig, state: PyTree, shardings: PyTree) -> tuple[PyTree, str]:
-  """state with params(path) as its parameters, and the line that says so."""
+def keep_files(path: str, out: str) -> None:
+  """Copies the files of the model in path but its weights (tokenizer, configs) to out."""
+  weights = ('.safetensors', '.safetensors.index.json', '.bin', '.gguf', '.pt', '.pth')
+  names = [n for n in sorted(os.listdir(path)) if not n.endswith(weights)]
+  shutil.rmtree(out, ignore_errors=True)  # of a start that stopped before its first checkpoint
+  with files.replaced(out) as tmp:
+    os.makedirs(tmp)
+    for name in [n for n in names if os.path.isfile(os.path.join(path, n))]:
+      shutil.copyfile(os.path.join(path, name), os.path.join(tmp, name))
+
+
+def start(
+  path: str, cfg: ModelConfig, state: PyTree, shardings: PyTree, run: str
+) -> tuple[PyTree, str]:
+  """state with params(path) as its parameters, and the line that says so; the model's files
+  but its weights are kept in the run's workdir (workdir.HF_FILES)."""
+  if jax.process_index() == 0:
+    keep_files(path, os.path.join(run, workdir.HF_FILES))
   weights = jax.device_put(params(path, cfg, state['params']), shardings['params'])
   # The optimizers' initial states hold zeros of the parameters' shapes, not their values.
   return {**state, 'params': weights}, f'step 0 parameters: the weights of {path}'

@@ -9,7 +9,6 @@ from typing import TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sentencepiece as spm
 from flax import nnx
 
 from nanodo.corpora import tokenizer
@@ -17,6 +16,9 @@ from nanodo.ground.console import Progress
 from nanodo.ground.tree import PyTree
 from nanodo.model import LayerCache, ModelConfig, TransformerDecoder
 from nanodo.tools.trained import Trained
+
+# A row's tokens after its EOS: no id of any tokenizer (whose padding may be any id, or EOS).
+NO_TOKEN = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,12 @@ def init_cache(cfg: ModelConfig, B: int) -> list[LayerCache]:
 
 
 def pad_prompts(ids: list[list[int]], L: int, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded prompt ids (BOS first) and lengths; refuses to generate past the context L."""
+  """Right-padded prompt ids (BOS first, if the tokenizer adds one) and lengths; refuses an empty
+  prompt and one that would generate past the context L."""
   prompt_BxP = np.zeros((len(ids), max(map(len, ids))), np.int32)
   for row, x in zip(prompt_BxP, ids, strict=True):
+    if not x:
+      raise ValueError('A prompt is empty, and this tokenizer adds no BOS to continue from.')
     if len(x) + max_new_tokens > L:
       too_long = f'The prompt is {len(x)} tokens (with BOS), longer than the context L={L}.'
       over = f'{len(x)} prompt tokens + max_new_tokens={max_new_tokens} exceed the context L={L}'
@@ -96,7 +101,7 @@ def _decode_step(
 ) -> tuple:
   """Chooses and records each row's token, then feeds it through the model; keys_B ride along."""
   step, logits_BxV, pos_B, done_B, out_BxS, cache, keys_B = carry
-  token_B = jnp.where(done_B, tokenizer.PAD_ID, sampling.next_token(logits_BxV, keys_B, step))
+  token_B = jnp.where(done_B, NO_TOKEN, sampling.next_token(logits_BxV, keys_B, step))
   out_BxS = out_BxS.at[:, step].set(token_B)
   if on_token is not None:
     # Unordered: ordered effects need a single device; the step tells the order.
@@ -130,13 +135,13 @@ def generate(
   pos_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
   logits_BxPxV, cache = model.decode(prompt_BxP, pos_BxP, init_cache(model.cfg, B))
   logits_BxV = logits_BxPxV[jnp.arange(B), length_B - 1]
-  out_BxS = jnp.full((B, max_new_tokens), tokenizer.PAD_ID, jnp.int32)
+  out_BxS = jnp.full((B, max_new_tokens), NO_TOKEN, jnp.int32)
   carry = (0, logits_BxV, length_B, jnp.zeros(B, bool), out_BxS, cache, keys_B)
   body = partial(_decode_step, model, sampling, eos_id, on_token)
   return jax.lax.while_loop(_running, body, carry)[4]
 
 
-def to_text(sp: spm.SentencePieceProcessor, ids: list[int]) -> str:
+def to_text(sp: tokenizer.Tokenizer, ids: list[int]) -> str:
   """The text of generated ids, up to their first EOS."""
   return sp.decode(ids[: ids.index(sp.eos_id())] if sp.eos_id() in ids else ids)
 
@@ -144,7 +149,7 @@ def to_text(sp: spm.SentencePieceProcessor, ids: list[int]) -> str:
 class Printer:
   """Prints one row's text as its tokens arrive; pass the same one to every call (one compile)."""
 
-  def __init__(self, sp: spm.SentencePieceProcessor, file: TextIO | None = None):
+  def __init__(self, sp: tokenizer.Tokenizer, file: TextIO | None = None):
     self.sp, self.file = sp, file
 
   def begin(self, header: str, prompt: str) -> None:
@@ -182,7 +187,7 @@ def sample(
   """Continuations of each prompt, num_samples each (prompt-major), batched or streamed by row."""
   check_request(prompts, max_new_tokens, num_samples)
   rows = [p for p in prompts for _ in range(num_samples)]
-  ids = [[model.sp.bos_id(), *model.sp.encode(p)] for p in rows]
+  ids = [tokenizer.prompt_ids(model.sp, p) for p in rows]
   prompt_BxP, length_B = pad_prompts(ids, model.cfg.L, max_new_tokens)
   keys_B = row_keys(seed, len(rows))
   kwargs = {'max_new_tokens': max_new_tokens, 'sampling': sampling, 'eos_id': model.sp.eos_id()}
@@ -195,7 +200,7 @@ def sample(
       printer.begin(f'--- sample {b + 1} of {len(rows)} ---\n' if len(rows) > 1 else '', rows[b])
     out_BxS = np.asarray(generate_rows(prompt_BxP[batch], length_B[batch], keys_B[batch]))
     texts += [to_text(model.sp, row) for row in out_BxS.tolist()]
-    tokens.append(np.sum(out_BxS != tokenizer.PAD_ID))
+    tokens.append(np.sum(out_BxS != NO_TOKEN))
     if printer:
       printer.end(texts[-1])
     if progress:

@@ -5,7 +5,6 @@ import os
 
 import jax
 import ml_collections
-import sentencepiece as spm
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -25,7 +24,7 @@ class Trained:
   cfg: ModelConfig
   graphdef: nnx.GraphDef
   params: PyTree
-  sp: spm.SentencePieceProcessor
+  sp: tokenizer.Tokenizer
   step: int
   config: ml_collections.ConfigDict
 
@@ -67,7 +66,7 @@ def load(path: str, step: int | None = None, variant: int | None = None) -> Trai
     if vocab is None:
       raise ValueError(f'workdir={path!r} has neither {workdir.TOKENIZER} nor a vocab_path.')
     sp = tokenizer.load(vocab)
-    cfg = ModelConfig(V=sp.vocab_size(), **c.model)
+    cfg = ModelConfig(V=c.vocab_size if c.hf_init_dir else sp.vocab_size(), **c.model)
     graphdef, params = abstract(cfg)
     mesh = sharding.make_mesh(1, jax.device_count())
     shardings = sharding.state_shardings(params, mesh)

@@ -23,7 +23,7 @@ def train_command(argv: list[str]) -> None:
   except (ValueError, FloatingPointError, ConnectionError, checkpoint.SaveError) as e:
     sys.exit(f'error: {e}')
   except OSError as e:  # a full disk, wherever it is met
-    line = checkpoint.no_room(e, os.path.join(c.workdir, workdir.CHECKPOINTS))
+    line = workdir.no_room(e, os.path.join(c.workdir, workdir.CHECKPOINTS))
     if line is None:
       raise
     sys.exit(f'error: {line}')

@@ -49,6 +49,7 @@ def _run(c: ConfigDict, group: list[sweep.Variant] | None = None) -> dict:
   with StopSignal() as stop, workdir.claim(c.workdir) as claim:
     with claim.refusable():  # the checks that need the corpus: a refused start leaves no trace
       validate.check_resume(c)
+      budget.read(c.workdir)  # a damaged budget.json, before any work
       mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
       inputs = load_inputs(c, mesh)
     # Compiled steps are cached in the workdir: a resumed run starts without recompiling.

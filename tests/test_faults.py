@@ -10,7 +10,7 @@ from conftest import VOCAB, tiny_config
 
 from nanodo import train
 from nanodo.corpora import sources, token_cache, tokenizer
-from nanodo.infra import checkpoint, workdir
+from nanodo.infra import workdir
 from nanodo.tools import hf_export
 
 DOCS = ['Now is the winter of our discontent', 'Made glorious summer by this sun of York;']
@@ -31,7 +31,7 @@ def test_a_full_disk_while_the_token_cache_is_built_names_it_and_leaves_no_cache
       token_cache.load(split, sp, str(tmp_path), workers=1)
   assert e.value.errno == errno.ENOSPC and e.value.filename.endswith('.tokens.npy')
   assert os.listdir(tmp_path) == []  # nothing a later run could take for a cache
-  line = checkpoint.no_room(e.value, str(tmp_path / 'checkpoints'))
+  line = workdir.no_room(e.value, str(tmp_path / 'checkpoints'))
   assert line == (
     f'{e.value.filename} could not be written (OSError: [Errno 28] No space left on device); '
     f'{tmp_path / "checkpoints"} holds no complete checkpoint yet. Free some space and run the '

@@ -133,19 +133,6 @@ def _save_error(mngr: Manager, step: int, e: Exception) -> SaveError:
   return SaveError(f'checkpoint {step} could not be written ({why}); {kept}. {resume}')
 
 
-def no_room(e: OSError, directory: str) -> str | None:
-  """The line that says a file could not be written for want of room (a full disk, a quota, a
-  size limit), naming the last complete checkpoint in directory; None for another error."""
-  if e.errno not in _NO_SPACE:
-    return None
-  steps = sorted(manager(directory).all_steps()) if os.path.isdir(directory) else []
-  kept = f'the last complete checkpoint is step {steps[-1]} in {directory}' if steps else ''
-  kept = kept or f'{directory} holds no complete checkpoint yet'
-  why = f'OSError: [Errno {e.errno}] {os.strerror(e.errno)}'
-  resume = 'Free some space and run the same command to resume.'
-  return f'{e.filename or "a file"} could not be written ({why}); {kept}. {resume}'
-
-
 def _one_line(e: Exception) -> str:
   """The first line of e with its type, at most 200 characters."""
   why = f'{type(e).__name__}: {e}'.strip().splitlines()[0]

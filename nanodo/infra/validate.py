@@ -13,7 +13,7 @@ from nanodo import data, model, optimizer, sharding
 from nanodo.configs import default
 from nanodo.corpora import sources, tokenizer
 from nanodo.ground import files
-from nanodo.infra import budget, workdir
+from nanodo.infra import workdir
 
 DTYPES = ('float32', 'bfloat16')
 # Model keys that change only how the model computes, not its parameters.
@@ -174,7 +174,6 @@ def check(c: ml_collections.ConfigDict) -> None:
 def check_resume(c: ml_collections.ConfigDict) -> None:
   """Refuses a resume that changes what the checkpoints and their data position were made with."""
   previous, source, pinned = workdir.read_config(c.workdir), f'workdir={c.workdir!r}', _PINNED
-  budget.read(c.workdir)  # a damaged budget.json, before any work
   if previous is None and c.checkpoint_restore_dir:
     # Another run's weights and tokenizer, on data of this run's choosing.
     previous = workdir.read_config(c.checkpoint_restore_dir)

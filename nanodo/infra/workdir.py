@@ -1,6 +1,7 @@
 """A run on disk: the workdir's names, its lock and config; a refused start leaves no trace."""
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -155,3 +156,18 @@ def tokenizer_path(vocab_path: str, *dirs: str) -> str | None:
   names = (TOKENIZER, os.path.join(HF_FILES, TOKENIZER_JSON), TOKENIZER_JSON)
   found = [os.path.join(d, name) for d in dirs if d for name in names]
   return next((p for p in found if os.path.exists(p)), None)
+
+
+def no_room(e: OSError, directory: str) -> str | None:
+  """The line of a write that found no room (a full disk, a quota, a size limit), naming the
+  last complete checkpoint in directory; None for another error."""
+  if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    return None
+  steps = (
+    sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+  )
+  kept = f'the last complete checkpoint is step {steps[-1]} in {directory}' if steps else ''
+  kept = kept or f'{directory} holds no complete checkpoint yet'
+  why = f'{e.filename or "a file"} could not be written (OSError: [Errno {e.errno}] '
+  why += f'{os.strerror(e.errno)}); {kept}.'
+  return f'{why} Free some space and run the same command to resume.'

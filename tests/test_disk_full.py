@@ -136,18 +136,24 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 
 
+def _stopped_at(reference_dir: str, workdir: str, stopped: int) -> str:
+  """A copy of the reference's workdir as if its run had stopped after checkpoint `stopped`;
+  returns its checkpoint directory."""
+  shutil.copytree(reference_dir, workdir)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  for name in _complete(checkpoints):
+    if int(name) > stopped:
+      shutil.rmtree(os.path.join(checkpoints, name))
+  return checkpoints
+
+
 def test_a_full_disk_stops_the_command_in_one_line_and_the_same_command_resumes(
   reference, tmp_path
 ):
   """Two runs of the command line after the reference run: 20 s to over a minute on 2 cores."""
   reference_dir, expected = reference
   workdir, stopped = str(tmp_path / 'run'), NUM_STEPS - 4
-  # The reference's workdir as if its run had stopped after checkpoint `stopped`.
-  shutil.copytree(reference_dir, workdir)
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  for name in _complete(checkpoints):
-    if int(name) > stopped:
-      shutil.rmtree(os.path.join(checkpoints, name))
+  checkpoints = _stopped_at(reference_dir, workdir, stopped)
   rows = [r for r in metric_rows(workdir) if r['step'] <= stopped]
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
@@ -178,11 +184,7 @@ def test_a_full_disk_while_metrics_are_written_ends_in_one_line_and_the_same_com
   """metrics.jsonl a row short of the size limit: the next row finds no room, before a save."""
   reference_dir, expected = reference
   workdir, stopped = str(tmp_path / 'run'), NUM_STEPS - 4
-  shutil.copytree(reference_dir, workdir)
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  for name in _complete(checkpoints):
-    if int(name) > stopped:
-      shutil.rmtree(os.path.join(checkpoints, name))
+  checkpoints = _stopped_at(reference_dir, workdir, stopped)
   rows = [json.dumps(r) + '\n' for r in metric_rows(workdir) if r['step'] <= stopped]
   padding = [rows[0]] * ((SIZE_LIMIT - 100 - len(''.join(rows))) // len(rows[0]))
   metrics = os.path.join(workdir, 'metrics.jsonl')

@@ -44,8 +44,8 @@ def _special(path: str, tok: 'tokenizers.Tokenizer') -> dict[str, int]:
 class HFTokenizer:
   """A tokenizer.json with its model's special ids."""
 
-  def __init__(self, path: str, tok: 'tokenizers.Tokenizer', ids: dict[str, int]):
-    self.path, self.tok, self.ids = path, tok, ids
+  def __init__(self, tok: 'tokenizers.Tokenizer', ids: dict[str, int]):
+    self.tok, self.ids = tok, ids
 
   def vocab_size(self) -> int:
     return self.tok.get_vocab_size(with_added_tokens=True)
@@ -58,13 +58,6 @@ class HFTokenizer:
 
   def pad_id(self) -> int:
     return self.ids.get('pad', -1)
-
-  def unk_id(self) -> int:
-    unk = self.tok.model.unk_token if hasattr(self.tok.model, 'unk_token') else None
-    return self.tok.token_to_id(unk) if unk else -1
-
-  def id_to_piece(self, i: int) -> str:
-    return self.tok.id_to_token(i)
 
   def encode(
     self, texts: str | list[str], add_bos: bool = False, add_eos: bool = False, num_threads=None
@@ -96,7 +89,7 @@ def from_bytes(data: bytes) -> HFTokenizer:
   import tokenizers
 
   d = json.loads(data)
-  return HFTokenizer('', tokenizers.Tokenizer.from_str(d['tokenizer.json']), d['ids'])
+  return HFTokenizer(tokenizers.Tokenizer.from_str(d['tokenizer.json']), d['ids'])
 
 
 def load(path: str) -> HFTokenizer:
@@ -122,4 +115,4 @@ def load(path: str) -> HFTokenizer:
     files = 'neither tokenizer_config.json nor config.json beside it names an EOS token'
     raise ValueError(f'vocab_path={path!r} is not usable: {files}.')
   ids.setdefault('bos', ids['eos'])  # GPT-2's one <|endoftext|>, Qwen3's missing BOS
-  return HFTokenizer(path, tok, ids)
+  return HFTokenizer(tok, ids)

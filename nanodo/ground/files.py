@@ -1,9 +1,13 @@
 """Files written whole or not at all, and where a path that does not exist yet would be made."""
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator
+
+# Errors of a write that found no room: a full disk, a quota, a file-size limit.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextlib.contextmanager
@@ -32,8 +36,8 @@ def naming(path: str, *aliases: str) -> Iterator[None]:
   try:
     yield
   except OSError as e:
-    if e.filename is not None and e.filename not in aliases:
-      raise
+    if e.errno is None or (e.filename is not None and e.filename not in aliases):
+      raise  # an error without a number is not the system's: as it was raised
     raise OSError(e.errno, e.strerror, path) from None
 
 

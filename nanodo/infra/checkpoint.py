@@ -1,7 +1,6 @@
 """Orbax checkpoints of the train state and data position, each verified by a fingerprint."""
 
 import contextlib
-import errno
 import os
 import re
 from collections.abc import Iterator
@@ -12,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nanodo.ground import files
 from nanodo.ground.console import log
 from nanodo.ground.tree import PyTree
 
 Manager = ocp.CheckpointManager
 DataIter = grain.DatasetIterator
 _UINTS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class SaveError(Exception):
@@ -128,7 +127,7 @@ def _save_error(mngr: Manager, step: int, e: Exception) -> SaveError:
   last, directory = mngr.latest_step(), mngr.directory
   kept = f'the last complete checkpoint is step {last} in {directory}'
   kept = kept if last is not None else f'{directory} holds no complete checkpoint'
-  fix = 'Free some space' if code in _NO_SPACE else 'Fix the cause'
+  fix = 'Free some space' if code in files.NO_SPACE else 'Fix the cause'
   resume = f'{fix} and run the same command to resume.'
   return SaveError(f'checkpoint {step} could not be written ({why}); {kept}. {resume}')
 

@@ -1,7 +1,6 @@
 """A run on disk: the workdir's names, its lock and config; a refused start leaves no trace."""
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -161,7 +160,7 @@ def tokenizer_path(vocab_path: str, *dirs: str) -> str | None:
 def no_room(e: OSError, directory: str) -> str | None:
   """The line of a write that found no room (a full disk, a quota, a size limit), naming the
   last complete checkpoint in directory; None for another error."""
-  if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+  if e.errno not in files.NO_SPACE:
     return None
   steps = (
     sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []

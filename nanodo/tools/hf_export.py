@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import numpy as np
+import sentencepiece as spm
 
 from nanodo.corpora import tokenizer
 from nanodo.ground import files, tree
@@ -13,7 +14,7 @@ from nanodo.infra import workdir
 from nanodo.tools import hf_families, trained
 
 
-def _tokenizer_config(sp: tokenizer.Tokenizer, L: int) -> dict:
+def _tokenizer_config(sp: spm.SentencePieceProcessor, L: int) -> dict:
   """tokenizer_config.json: the special pieces; those in a text are text, as in SentencePiece."""
   ids = {'bos': sp.bos_id(), 'eos': sp.eos_id(), 'unk': sp.unk_id(), 'pad': sp.pad_id()}
   pieces = {f'{k}_token': sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
@@ -40,8 +41,8 @@ def export(path: str, out: str, step: int | None = None, variant: int | None = N
   run = trained.load(path, step, variant)
   vocab, sp = trained.tokenizer_path(run.config), run.sp
   config = hf_families.hf_config(run.cfg, name, sp)
-  if vocab.endswith('.json'):  # an imported model's own files, verbatim; its config.json's keys
-    kept = os.path.dirname(vocab)
+  kept, imported = os.path.dirname(vocab), vocab.endswith('.json')
+  if imported:  # an imported model's own files, verbatim, and its config.json's keys
     copied = [n for n in sorted(os.listdir(kept)) if n != 'config.json']
     texts = {'config.json': {**config, **_original_config(kept), 'dtype': 'float32'}}
   else:
@@ -64,8 +65,8 @@ def export(path: str, out: str, step: int | None = None, variant: int | None = N
         json.dump(content, f, indent=2, ensure_ascii=False)
     save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     for file in copied:
-      shutil.copyfile(os.path.join(os.path.dirname(vocab), file), os.path.join(tmp, file))
-    if not vocab.endswith('.json'):  # SentencePiece's own model, for an import
+      shutil.copyfile(os.path.join(kept, file), os.path.join(tmp, file))
+    if not imported:  # SentencePiece's own model, for an import
       shutil.copyfile(vocab, os.path.join(tmp, workdir.TOKENIZER))
   return name
 

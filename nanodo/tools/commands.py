@@ -15,7 +15,7 @@ from nanodo.ground.console import Progress
 from nanodo.infra import orbax_logs, workdir
 from nanodo.research import report
 from nanodo.step import jit_eval_step
-from nanodo.tools import hf_export, sample, trained
+from nanodo.tools import gguf_export, hf_export, sample, trained
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'A nanodo config file.', lock_config=True)
 # `nanodo sample`, `eval`, `plot` and `export` flags.
@@ -35,6 +35,12 @@ _VARIANT = flags.DEFINE_integer(
   'variant', None, "A sweep's variant to read (default: the one of lowest held-out loss)."
 )
 _OUT = flags.DEFINE_string('out', None, 'What to write: `plot` an image, `export` a directory.')
+_FORMAT = flags.DEFINE_enum(
+  'format', 'hf', ['hf', 'gguf'], '`export`: a Hugging Face directory, or one GGUF file.'
+)
+_DTYPE = flags.DEFINE_enum(
+  'dtype', 'float32', list(gguf_export.DTYPES), '`export --format=gguf`: its weights.'
+)
 
 
 def no_arguments(argv: list[str]) -> None:
@@ -138,14 +144,21 @@ def plot_command(argv: list[str]) -> None:
 def export_command(argv: list[str]) -> None:
   """`nanodo export`: a checkpoint as a Hugging Face model directory."""
   path = _one_workdir(argv)
+  gguf = _FORMAT.value == 'gguf'
   if not _OUT.value:
-    sys.exit('error: give the directory to write, e.g. --out=/tmp/nanodo_hf')
+    sys.exit(f'error: give what to write, e.g. --out=/tmp/{"nanodo.gguf" if gguf else "nanodo_hf"}')
   try:
-    name = hf_export.export(path, _OUT.value, _STEP.value, _VARIANT.value)
+    if gguf:
+      name = gguf_export.export(path, _OUT.value, _DTYPE.value, _STEP.value, _VARIANT.value)
+    else:
+      name = hf_export.export(path, _OUT.value, _STEP.value, _VARIANT.value)
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
-  load = f'transformers.AutoModelForCausalLM.from_pretrained({_OUT.value!r})'
-  print(f'wrote {_OUT.value}: a {name} model for {load}')
+  if gguf:
+    print(f'wrote {_OUT.value}: a {name} GGUF file ({_DTYPE.value}) for llama.cpp and Ollama')
+  else:
+    load = f'transformers.AutoModelForCausalLM.from_pretrained({_OUT.value!r})'
+    print(f'wrote {_OUT.value}: a {name} model for {load}')
 
 
 def report_command(argv: list[str]) -> None:

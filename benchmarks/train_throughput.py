@@ -15,7 +15,8 @@ glibc's defaults.
 The step is the one `nanodo` trains with (optimizer and metrics included) on random token ids.
 Model FLOPs per step = 6·P·T + 12·N·L·D·T + 6·D·V·T (P: non-embedding parameters, T: tokens).
 Malloc settings: shipped (what `nanodo` sets: nanodo/infra/host.py), glibc (its defaults), and
-no-mmap, one-arena, arenas-2 (glibc's MALLOC_ environment variables).
+one-heap (the shipped setting before huge buffers were mapped: nothing mapped), no-mmap,
+one-arena, arenas-2 (glibc's MALLOC_ environment variables).
 
 With --profile, each config's step is also traced with jax.profiler, and its wall time split by
 kind of compiled kernel; the line ends with the step's time over its kernels' sum. With
@@ -40,6 +41,7 @@ BIG = str(2**31 - 1)
 MALLOC = {
   'shipped': {},
   'glibc': {},
+  'one-heap': {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': BIG},
   'no-mmap': {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': BIG},
   'one-arena': {'MALLOC_ARENA_MAX': '1'},
   'arenas-2': {'MALLOC_ARENA_MAX': '2', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': BIG},

@@ -21,3 +21,34 @@ def _run(env: dict[str, str]) -> str:
 def test_malloc_is_set_unless_the_environment_sets_it():
   assert _run({}) == 'True'
   assert _run({'MALLOC_ARENA_MAX': '8'}) == 'False'
+
+
+MALLOC_CODE = """
+import ctypes
+from nanodo.infra import host
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in 'a b c hblks d e f g h i'.split()]
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+print(host.reuse_freed_memory())
+for size in (64 << 20, host.HUGE):
+  mapped = -libc.mallinfo2().hblks
+  first = libc.malloc(size)
+  mapped += libc.mallinfo2().hblks
+  libc.free(ctypes.c_void_p(first))
+  again = libc.malloc(size)
+  print(size, mapped, first == again)
+  libc.free(ctypes.c_void_p(again))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc-specific')
+def test_freed_buffers_are_reused_from_one_heap_and_only_huge_ones_mapped():
+  env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+  out = subprocess.run(
+    [sys.executable, '-c', MALLOC_CODE], env=env, capture_output=True, text=True, check=True
+  ).stdout.split('\n')
+  assert out[0] == 'True'
+  # 64 MiB, which glibc alone maps: from the heap, and the same memory again once freed.
+  assert out[1] == f'{64 << 20} 0 True'
+  assert out[2].split()[1] == '1'  # a huge one (host.HUGE) is mapped

@@ -2,7 +2,9 @@
 
 import dataclasses
 import functools
+import json
 import os
+import pathlib
 import subprocess
 import sys
 from unittest import mock
@@ -70,6 +72,9 @@ def test_export_import_export_round_trips_bit_for_bit(hf_exports, name, tmp_path
   tensors = safetensors_numpy.load_file(os.path.join(out, 'model.safetensors'))
   again = hf_families.to_hf(run.cfg, name, tree.by_path(params))
   assert set(again) == set(tensors) and all(same(np.asarray(again[k]), tensors[k]) for k in again)
+  if name == 'gpt2':  # the context under both names other converters (llama.cpp's) look for
+    config = json.loads(pathlib.Path(out, 'config.json').read_text())
+    assert config['n_ctx'] == config['n_positions'] == run.cfg.L
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,7 @@ def hf_config(cfg: ModelConfig, name: str, sp: spm.SentencePieceProcessor) -> di
   common |= {'tie_word_embeddings': cfg.tied, 'dtype': 'float32', **ids}
   if name == 'gpt2':
     sizes = {'n_embd': cfg.D, 'n_head': cfg.H, 'n_layer': cfg.N, 'n_positions': cfg.L}
+    sizes['n_ctx'] = cfg.L  # what llama.cpp's converter and older tools read as the context
     dropout = {'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0}
     eps = {'layer_norm_epsilon': cfg.norm_eps}
     return common | sizes | {'n_inner': cfg.F, 'activation_function': 'gelu_new'} | eps | dropout

@@ -3,8 +3,9 @@
   python benchmarks/train_throughput.py [--configs=S,default,M] [--malloc=shipped,glibc]
       [--alternations=5] [--steps=20] [--dtype=float32] [--profile] [--first-step]
 
-Prints the CPU (its model, and whether it has AVX-512), then runs every malloc setting in a
-process of its own (malloc is set before JAX starts), one after another, --alternations times:
+Prints the CPU (its model, and whether it has AVX-512) and what each malloc setting is, then
+runs every malloc setting in a process of its own (malloc is set before JAX starts), one after
+another, --alternations times:
 the machine's speed drifts, so settings are only compared within one alternation. Each process
 prints the ceiling (GFLOP/s of a jitted 1024² matmul in --dtype, timed over 0.5 s) before and
 after its configs, and for each config (S and M, and the model of configs/default.py): the
@@ -56,6 +57,17 @@ def cpu() -> str:
   name = re.search(r'^model name\s*:\s*(.*)$', info, re.M)
   avx512 = 'with AVX-512' if re.search(r'\bavx512f\b', info) else 'without AVX-512 (AVX2 only)'
   return f'{name[1] if name else "unknown CPU"}, {os.cpu_count()} cores, {avx512}'
+
+
+def describe(setting: str) -> str:
+  """What a malloc setting is, in words."""
+  from nanodo.infra import host
+
+  if setting == 'shipped':
+    mapped = f'only buffers of {host.HUGE >> 20} MiB and more mapped'
+    return f'one arena, no trimming, {mapped} (nanodo/infra/host.py)'
+  env = ' '.join(f'{k}={v}' for k, v in MALLOC[setting].items())
+  return env or "glibc's defaults"
 
 
 def bench(cfg, batch_size: int, steps: int, with_profile: bool) -> dict:
@@ -194,6 +206,8 @@ def main() -> None:
     return
   configs, settings = args.configs.split(','), args.malloc.split(',')
   print(f'CPU: {cpu()}')
+  for setting in settings:
+    print(f'malloc {setting}: {describe(setting)}')
   argv = [f'--configs={args.configs}', f'--steps={args.steps}', f'--dtype={args.dtype}']
   argv += ['--profile'] if args.profile else []
   runs = {s: [] for s in settings}

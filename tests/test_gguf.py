@@ -103,3 +103,11 @@ def test_nanodo_export_format_gguf_on_the_command_line(runs, tmp_path):
   bad = subprocess.run([*command, '--format=gguf'], capture_output=True, text=True)
   assert bad.returncode != 0
   assert bad.stderr.strip().splitlines() == [f"error: out='{file}' exists; give a new file name."]
+  out = str(tmp_path / 'hf')
+  stray = subprocess.run(
+    [*command[:-1], f'--out={out}', '--dtype=float16'], capture_output=True, text=True
+  )
+  assert stray.returncode != 0 and not os.path.exists(out)
+  assert stray.stderr.strip().splitlines() == [
+    'error: --dtype sets the weights of a GGUF file: give it with --format=gguf'
+  ]

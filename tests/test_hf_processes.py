@@ -2,42 +2,29 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
-from conftest import CONFIG, MAIN, text_config
+from conftest import CONFIG, MAIN, finish, free_port, text_config
 from safetensors import numpy as safetensors_numpy
 
 EXPORT_IN_TWO_PROCESSES = """
 import sys
 import jax
 jax.distributed.initialize(f'localhost:{sys.argv[1]}', 2, int(sys.argv[2]))
-from nanodo.tools import hf_export
-try:
-  hf_export.export(sys.argv[3], sys.argv[4])
-except ValueError as e:
-  print(e)
+from nanodo.tools import gguf_export, hf_export
+for export in (hf_export.export, gguf_export.export):
+  try:
+    export(sys.argv[3], sys.argv[4])
+  except ValueError as e:
+    print(e)
 """
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 def _start(args: list[str], num_devices: int) -> subprocess.Popen:
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}'}
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(*procs: subprocess.Popen) -> list[str]:
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
-  return [out for out, _ in outs]
 
 
 def _nanodo(path: str, hf: str, *args: str) -> list[str]:
@@ -86,8 +73,8 @@ def test_two_processes_import_train_and_export_as_one_process(hf_exports, tmp_pa
   _, hf = hf_exports('llama')
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   single = _start(_nanodo(one, hf), 4)
-  port = _free_port()
-  first, second = _finish(
+  port = free_port()
+  first, second = finish(
     *(
       _start(
         _nanodo(
@@ -102,11 +89,11 @@ def test_two_processes_import_train_and_export_as_one_process(hf_exports, tmp_pa
       for i in range(2)
     )
   )
-  _finish(single)
+  finish(single)
   assert 'step 0 parameters: the weights of' in first and 'step 0' not in second
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
   assert len(_losses(two)) == 2
-  # The model's own files were kept once, by process 0, and exported verbatim.
+  # The model's own files were kept once, by process 0.
   kept = sorted(os.listdir(os.path.join(two, 'hf_files')))
   assert 'tokenizer.model' in kept and 'model.safetensors' not in kept
   a, b = _export(one, str(tmp_path / 'one_hf')), _export(two, str(tmp_path / 'two_hf'))
@@ -115,13 +102,15 @@ def test_two_processes_import_train_and_export_as_one_process(hf_exports, tmp_pa
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
   assert any(not np.allclose(a[k], source[k]) for k in a)  # trained, not the import's copy
-  # Export inside a program of two processes is refused in one line, writing nothing.
-  port, out = _free_port(), str(tmp_path / 'in_two')
+  # Either export inside a program of two processes is refused in one line, writing nothing.
+  port, out = free_port(), str(tmp_path / 'in_two')
   code = [sys.executable, '-c', EXPORT_IN_TWO_PROCESSES, str(port)]
-  said = _finish(*(_start([*code, str(i), two, out], 2) for i in range(2)))
+  said = finish(*(_start([*code, str(i), two, out], 2) for i in range(2)))
   for line in said:
+    refused = 'nanodo export runs as one process; this program has 2 (jax.process_count()): run '
     assert line.strip().splitlines() == [
-      'nanodo export runs as one process; this program has 2 (jax.process_count()): run '
-      f'`nanodo export --workdir={two} --out={out}` once, on one host.'
+      f'{refused}`nanodo export --workdir={two} --out={out}` once, on one host.',
+      f'{refused}`nanodo export --workdir={two} --out={out} --format=gguf --dtype=float32` once, '
+      'on one host.',
     ]
   assert not os.path.exists(out)

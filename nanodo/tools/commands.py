@@ -145,6 +145,8 @@ def export_command(argv: list[str]) -> None:
   """`nanodo export`: a checkpoint as a Hugging Face model directory."""
   path = _one_workdir(argv)
   gguf = _FORMAT.value == 'gguf'
+  if not gguf and flags.FLAGS['dtype'].present:
+    sys.exit('error: --dtype sets the weights of a GGUF file: give it with --format=gguf')
   if not _OUT.value:
     sys.exit(f'error: give what to write, e.g. --out=/tmp/{"nanodo.gguf" if gguf else "nanodo_hf"}')
   try:

@@ -66,8 +66,9 @@ def export(
   """Writes the run in path (a checkpoint; default: the latest) to the file out as GGUF.
 
   Returns the family. Refuses (ValueError, writing nothing) a family or tokenizer GGUF cannot
-  express here, an out that exists, a dtype not in DTYPES.
+  express here, an out that exists, a dtype not in DTYPES, a program of several processes.
   """
+  trained.one_process(f'nanodo export --workdir={path} --out={out} --format=gguf --dtype={dtype}')
   if dtype not in DTYPES:
     raise ValueError(f'dtype={dtype!r} is not valid: one of {list(DTYPES)} for GGUF.')
   c = workdir.run_config(trained.variant_of(path, variant)[0])
@@ -84,11 +85,12 @@ def export(
   cfg, sp = run.cfg, run.sp
   tensors = hf_families.to_hf(cfg, name, tree.by_path(jax.device_get(run.params)))
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[name.upper()], cfg.N)
-  KV, half = cfg.KV or cfg.H, np.float16 if dtype == 'float16' else np.float32
+  KV, weights = cfg.KV or cfg.H, np.float16 if dtype == 'float16' else np.float32
   with files.replaced(out) as tmp:
     w = gguf.GGUFWriter(tmp, name)
     w.add_name(os.path.basename(os.path.normpath(path)))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == 'float16' else 0)
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == 'float16' else gguf.LlamaFileType.ALL_F32
+    w.add_file_type(file_type)
     w.add_vocab_size(cfg.V)
     w.add_context_length(cfg.L)
     w.add_embedding_length(cfg.D)
@@ -107,7 +109,7 @@ def export(
       if name == 'llama' and hf.endswith(('q_proj.weight', 'k_proj.weight')):
         x = _permuted(x, cfg.H if 'q_proj' in hf else KV)
       # Norm scales stay float32 in a float16 file, as llama.cpp's converter keeps them.
-      x = np.ascontiguousarray(x.astype(half) if x.ndim > 1 else x)
+      x = np.ascontiguousarray(x.astype(weights) if x.ndim > 1 else x)
       w.add_tensor(names.get_name(hf, try_suffixes=('.weight',)), x)
     w.write_header_to_file()
     w.write_kv_data_to_file()

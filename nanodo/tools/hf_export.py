@@ -32,10 +32,7 @@ def export(path: str, out: str, step: int | None = None, variant: int | None = N
   whole, so that a failure leaves it as it was. One process writes it: ValueError in a program
   of several (jax.distributed).
   """
-  if jax.process_count() > 1:  # each would gather the weights and write out
-    command = f'`nanodo export --workdir={path} --out={out}`'
-    many = f'this program has {jax.process_count()} (jax.process_count())'
-    raise ValueError(f'nanodo export runs as one process; {many}: run {command} once, on one host.')
+  trained.one_process(f'nanodo export --workdir={path} --out={out}')
   name = hf_families.family(workdir.run_config(trained.variant_of(path, variant)[0]).model)
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
     raise ValueError(f'out={out!r} exists and is not empty; give a new or empty directory.')

@@ -17,6 +17,16 @@ from nanodo.model import ModelConfig, abstract
 from nanodo.research import report, sweep
 
 
+def one_process(command: str) -> None:
+  """ValueError in a program of several processes (jax.distributed): each would gather the
+  weights and write the same file; command is the one to run instead, once."""
+  if jax.process_count() > 1:
+    many = f'this program has {jax.process_count()} (jax.process_count())'
+    raise ValueError(
+      f'nanodo export runs as one process; {many}: run `{command}` once, on one host.'
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Trained:
   """A trained run's checkpoint: model config, graph, parameters, tokenizer, step, run config."""

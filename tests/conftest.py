@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -62,6 +63,21 @@ def tokens_of(docs: list[np.ndarray]) -> Tokens:
   """A split's tokens held in memory, as the token cache would give them."""
   offsets = np.cumsum([0, *map(len, docs)])
   return Tokens(np.concatenate(docs).astype(np.uint16), offsets, num_bytes=0)
+
+
+def free_port() -> int:
+  """A localhost port no one listens on, for a jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def finish(*procs: subprocess.Popen) -> list[str]:
+  """The stdout of each process, once all have exited 0 (else their stderr's end)."""
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in outs]
 
 
 def cli(*args: str, cwd: str) -> subprocess.CompletedProcess:

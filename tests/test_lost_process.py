@@ -6,7 +6,8 @@ import time
 
 import numpy as np
 import pytest
-from test_sharding import _finish, _free_port, _losses, _nanodo
+from conftest import finish, free_port
+from test_sharding import _losses, _nanodo
 
 from nanodo import sharding
 
@@ -50,7 +51,7 @@ def _kill_after_a_checkpoint(procs: list[subprocess.Popen], workdir: str) -> Non
 @pytest.fixture(scope='module')
 def lost(tmp_path_factory) -> dict:
   """A two-process run whose process 1 is SIGKILLed after a checkpoint; what process 0 did."""
-  workdir, port = str(tmp_path_factory.mktemp('lost') / 'run'), _free_port()
+  workdir, port = str(tmp_path_factory.mktemp('lost') / 'run'), free_port()
   procs = _start(workdir, port, 10_000)  # far more steps than it can take before the kill
   _kill_after_a_checkpoint(procs, workdir)
   start = time.monotonic()
@@ -82,9 +83,9 @@ def test_restarting_both_resumes_two_steps_with_the_losses_of_an_unbroken_run(lo
   broken, unbroken = lost['workdir'], str(tmp_path / 'unbroken')
   last = _checkpoints(broken)[-1]
   # The same command on both processes, once process 0 has stopped too; the unbroken pair at once.
-  pairs = [_start(broken, lost['port'], last + 2), _start(unbroken, _free_port(), last + 2)]
-  resumed = _finish(*pairs[0])
-  _finish(*pairs[1])
+  pairs = [_start(broken, lost['port'], last + 2), _start(unbroken, free_port(), last + 2)]
+  resumed = finish(*pairs[0])
+  finish(*pairs[1])
   assert f'starting at step {last} of {last + 2}' in resumed[0]
   a, b = _losses(unbroken), _losses(broken)
   assert sorted(b) == list(range(1, last + 3))
@@ -98,9 +99,9 @@ def test_restarting_both_resumes_with_the_losses_of_an_unbroken_run(lost, tmp_pa
   last = _checkpoints(broken)[-1]
   assert last < NUM_STEPS
   # The same command on both processes, once process 0 has stopped too.
-  resumed = _finish(*_start(broken, lost['port'], NUM_STEPS))
+  resumed = finish(*_start(broken, lost['port'], NUM_STEPS))
   assert f'starting at step {last} of {NUM_STEPS}' in resumed[0]
-  _finish(*_start(unbroken, _free_port(), NUM_STEPS))
+  finish(*_start(unbroken, free_port(), NUM_STEPS))
   a, b = _losses(unbroken), _losses(broken)
   assert sorted(b) == list(range(1, NUM_STEPS + 1))
   np.testing.assert_array_equal([b[s] for s in sorted(b)], [a[s] for s in sorted(b)])

@@ -2,14 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import VOCAB, tiny_config, tiny_model_config, tiny_steps
+from conftest import VOCAB, finish, free_port, tiny_config, tiny_model_config, tiny_steps
 from flax import nnx
 
 from nanodo import sharding, train
@@ -132,12 +131,6 @@ def test_accumulating_4_micro_batches_equals_one_step_of_the_batch(one_device):
   np.testing.assert_allclose(accumulated['losses'], one_device['losses'], rtol=1e-5)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def _nanodo(workdir: str, num_devices: int, *args: str) -> subprocess.Popen:
   """`nanodo` training a tiny model on num_devices fake CPU devices."""
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}'}
@@ -164,16 +157,9 @@ def _nanodo(workdir: str, num_devices: int, *args: str) -> subprocess.Popen:
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(*procs: subprocess.Popen) -> list[str]:
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
-  return [out for out, _ in outs]
-
-
 def _two_processes(workdir: str, num_steps: int) -> list[str]:
-  port = _free_port()
-  return _finish(
+  port = free_port()
+  return finish(
     *(
       _nanodo(
         workdir,
@@ -206,7 +192,7 @@ def test_two_processes_train_checkpoint_and_resume_as_one_process(tmp_path):
   )
   resumed = _two_processes(two, 6)
   assert 'starting at step 4 of 6' in resumed[0]
-  _finish(single)
+  finish(single)
   a, b = _losses(one), _losses(two)
   assert sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)

@@ -84,7 +84,7 @@ def bench(cfg, batch_size: int, steps: int, with_profile: bool) -> dict:
   mesh = sharding.make_mesh(1, -1)
   run = build_steps(cfg, StepConfig.of(c), c.opt, c.seed, mesh)
   state, step_fn = run.state, run.train_step
-  flops_per_token = metrics.model_flops_per_token(state['params'], cfg.D, cfg.L, cfg.N, cfg.V)
+  flops_per_token = metrics.model_flops_per_token(state['params'], cfg)
   rng = np.random.default_rng(0)
   ids = [rng.integers(1, cfg.V, (batch_size, cfg.L), dtype=np.int32) for _ in range(4)]
   batches = [data.as_batch(x) for x in ids]

@@ -2,7 +2,7 @@
 
 Dimension key: B batch, L length (decoding: a call's new tokens), M attended length (decoding: the
 KV cache's, L), D model, H query heads, G key/value heads (KV; H: multi-head, 1: multi-query),
-R = H // G, K head dim (D // H), F MLP hidden, V vocabulary, N layers.
+R = H // G, K head dim (D // H unless set), F MLP hidden, V vocabulary, N layers.
 """
 
 import dataclasses
@@ -14,13 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nanodo.ops import attend, einsum_BL, logits, max_logit, rope
+from nanodo.ops import attend, einsum_BL, logits, max_logit, rope, write_cache
 from nanodo.sharding import BATCH, FSDP
 
 POSITIONS = ('learned', 'rope', 'none')
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'swiglu', 'relu2')
 ATTENTIONS = ('einsum', 'dot_product_attention')
+# 'qkv': Qwen2's on q, k and v; 'all': GPT-2's on every projection but the head, and LayerNorm.
+BIASES = ('none', 'qkv', 'all')
 # What a remat'ed block keeps for the backward pass (jax.checkpoint_policies).
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 
@@ -44,8 +46,11 @@ class ModelConfig:
   remat: bool
   remat_policy: str
   KV: int  # key/value heads (G); 0: one per query head
+  K: int  # head dimension; 0: D // H
+  bias: str
   positions: str
   rope_base: float
+  rope_scaling: str  # '': none; 'llama3:factor,low_freq_factor,high_freq_factor,original_L'
   norm: str
   norm_eps: float
   mlp: str
@@ -56,18 +61,34 @@ class ModelConfig:
   logit_softcap: float  # logits as c·tanh(logits / c); 0: none
 
 
+def head_dim(cfg: ModelConfig) -> int:
+  """K: model.K, else D // H."""
+  return cfg.K or cfg.D // cfg.H
+
+
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], spec: tuple) -> nnx.Param:
   """A normal-initialised weight with its partition spec (applied by the caller's jit)."""
   value = nnx.initializers.normal(stddev=std)(rngs.params(), shape)
   return nnx.Param(value, out_sharding=spec, eager_sharding=False)
 
 
+def _bias(shape: tuple[int, ...], on: bool) -> nnx.Param | None:
+  """A zero-initialised bias, replicated; None when off."""
+  spec = (None,) * len(shape)
+  return nnx.Param(jnp.zeros(shape), out_sharding=spec, eager_sharding=False) if on else None
+
+
+def _add(x: jax.Array, b: nnx.Param | None, index: int | None = None) -> jax.Array:
+  """x plus the bias b (or its row index), if there is one."""
+  return x if b is None else x + (b[...] if index is None else b[index]).astype(x.dtype)
+
+
 def _norm(cfg: ModelConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
-  """LayerNorm without bias, or RMSNorm; a float32 scale either way."""
+  """LayerNorm (biased with model.bias='all'), or RMSNorm; float32 parameters either way."""
   kwargs = {'epsilon': cfg.norm_eps, 'dtype': cfg.dtype, 'param_dtype': jnp.float32, 'rngs': rngs}
   if cfg.norm == 'rmsnorm':
     return nnx.RMSNorm(dim, **kwargs)
-  return nnx.LayerNorm(dim, use_bias=False, **kwargs)
+  return nnx.LayerNorm(dim, use_bias=cfg.bias == 'all', **kwargs)
 
 
 class Attention(nnx.Module):
@@ -75,12 +96,15 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    D, H, G, K = cfg.D, cfg.H, cfg.KV or cfg.H, cfg.D // cfg.H
+    D, H, G, K = cfg.D, cfg.H, cfg.KV or cfg.H, head_dim(cfg)
     std = D**-0.5
     self.wq_DxHxK = _param(rngs, std, (D, H, K), (FSDP, None, None))
     self.wkv_2xDxGxK = _param(rngs, std, (2, D, G, K), (None, FSDP, None, None))
     out_std = 0.0 if cfg.zero_init else std / (2 * cfg.N) ** 0.5  # for the depth of the sum
     self.wo_HxKxD = _param(rngs, out_std, (H, K, D), (None, None, FSDP))
+    self.bq_HxK = _bias((H, K), cfg.bias != 'none')
+    self.bkv_2xGxK = _bias((2, G, K), cfg.bias != 'none')
+    self.bo_D = _bias((D,), cfg.bias == 'all')
     if cfg.qk_norm:
       self.q_norm = _norm(cfg, K, rngs)
       self.k_norm = _norm(cfg, K, rngs)
@@ -90,28 +114,21 @@ class Attention(nnx.Module):
     self, x_BxLxD: jax.Array, pos_BxL: jax.Array, visible_BxLxM: jax.Array, cache: LayerCache | None
   ) -> tuple[jax.Array, LayerCache | None]:
     """Attends to the visible tokens; a cache (decoding) first takes the new keys and values."""
-    q_BxLxHxK = einsum_BL('BLD,DHK->BLHK', x_BxLxD, self.wq_DxHxK)
+    q_BxLxHxK = _add(einsum_BL('BLD,DHK->BLHK', x_BxLxD, self.wq_DxHxK), self.bq_HxK)
     k_BxLxGxK, v_BxLxGxK = einsum_BL('BLD,SDGK->SBLGK', x_BxLxD, self.wkv_2xDxGxK)
+    k_BxLxGxK, v_BxLxGxK = _add(k_BxLxGxK, self.bkv_2xGxK, 0), _add(v_BxLxGxK, self.bkv_2xGxK, 1)
     if self.cfg.qk_norm:
       q_BxLxHxK = self.q_norm(q_BxLxHxK)
       k_BxLxGxK = self.k_norm(k_BxLxGxK)
     if self.cfg.positions == 'rope':
-      q_BxLxHxK = rope(q_BxLxHxK, pos_BxL, self.cfg.rope_base)
-      k_BxLxGxK = rope(k_BxLxGxK, pos_BxL, self.cfg.rope_base)
-    k_BxMxGxK, v_BxMxGxK = k_BxLxGxK, v_BxLxGxK
-    if cache is not None:
-      b_Bx1 = jnp.arange(x_BxLxD.shape[0])[:, None]
-      k_BxMxGxK = cache[0].at[b_Bx1, pos_BxL].set(k_BxLxGxK)
-      v_BxMxGxK = cache[1].at[b_Bx1, pos_BxL].set(v_BxLxGxK)
-      cache = (k_BxMxGxK, v_BxMxGxK)
+      q_BxLxHxK = rope(q_BxLxHxK, pos_BxL, self.cfg.rope_base, self.cfg.rope_scaling)
+      k_BxLxGxK = rope(k_BxLxGxK, pos_BxL, self.cfg.rope_base, self.cfg.rope_scaling)
+    cache = write_cache(cache, k_BxLxGxK, v_BxLxGxK, pos_BxL)
+    k_BxMxGxK, v_BxMxGxK = cache or (k_BxLxGxK, v_BxLxGxK)
     if self.sow_max_logit:
       self.sow(nnx.Intermediate, 'max_logit', max_logit(q_BxLxHxK, k_BxMxGxK, visible_BxLxM))
-    if self.cfg.attention == 'dot_product_attention':  # picks cuDNN's fused kernel on GPUs
-      mask_Bx1xLxM = visible_BxLxM[:, None]
-      out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask=mask_Bx1xLxM)
-    else:
-      out_BxLxHxK = attend(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_BxLxM)
-    return einsum_BL('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD), cache
+    out_BxLxHxK = attend(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_BxLxM, self.cfg.attention)
+    return _add(einsum_BL('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD), self.bo_D), cache
 
 
 class Mlp(nnx.Module):
@@ -126,15 +143,18 @@ class Mlp(nnx.Module):
     else:
       self.wi_DxF = _param(rngs, D**-0.5, (D, F), (FSDP, None))
     self.wo_FxD = _param(rngs, out_std, (F, D), (FSDP, None))
+    self.bi_SxF = _bias((2 if cfg.mlp == 'swiglu' else 1, F), cfg.bias == 'all')
+    self.bo_D = _bias((D,), cfg.bias == 'all')
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     if self.cfg.mlp == 'swiglu':
       gate_BxLxF, up_BxLxF = einsum_BL('BLD,SDF->SBLF', x_BxLxD, self.wi_2xDxF)
+      gate_BxLxF, up_BxLxF = _add(gate_BxLxF, self.bi_SxF, 0), _add(up_BxLxF, self.bi_SxF, 1)
       h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
       act = jax.nn.gelu if self.cfg.mlp == 'gelu' else lambda a: jnp.square(jax.nn.relu(a))
-      h_BxLxF = act(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF))
-    return einsum_BL('BLF,FD->BLD', h_BxLxF, self.wo_FxD)
+      h_BxLxF = act(_add(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF), self.bi_SxF, 0))
+    return _add(einsum_BL('BLF,FD->BLD', h_BxLxF, self.wo_FxD), self.bo_D)
 
 
 class Block(nnx.Module):

@@ -3,6 +3,8 @@
 Dimensions are named by the key at the top of model.py.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,20 +26,76 @@ def logits(h_TxD: jax.Array, out_VxD: jax.Array, softcap: float) -> jax.Array:
   return softcap * jnp.tanh(logits_TxV / softcap) if softcap else logits_TxV
 
 
-def rope(x_BxLxHxK: jax.Array, pos_BxL: jax.Array, base: float) -> jax.Array:
-  """Rotates each pair (x_i, x_i+K/2) by the angle pos / base^(2i/K)."""
-  K = x_BxLxHxK.shape[-1]
+def llama3_scaling(spec: str) -> tuple[float, float, float, float] | None:
+  """(factor, low_freq_factor, high_freq_factor, original_L) of 'llama3:32,1,4,8192'; '': None.
+
+  ValueError for any other string.
+  """
+  if not spec:
+    return None
+  kind, _, values = spec.partition(':')
+  numbers = values.split(',')
+  if kind != 'llama3' or len(numbers) != 4:
+    raise ValueError('give llama3:factor,low_freq_factor,high_freq_factor,original_L')
+  return tuple(float(v) for v in numbers)
+
+
+def rope_freqs(K: int, base: float, scaling: str = '') -> jax.Array:
+  """The angle per position of each pair i of a head: base^(-2i/K), float32.
+
+  scaling 'llama3:factor,low_freq_factor,high_freq_factor,original_L' stretches the long
+  wavelengths as Llama 3.1 does: by factor beyond original_L / low_freq_factor, smoothly below it
+  down to original_L / high_freq_factor.
+  """
   freq_K2 = base ** (-jnp.arange(K // 2, dtype=jnp.float32) / (K // 2))
+  if not scaling:
+    return freq_K2
+  factor, low, high, original_L = llama3_scaling(scaling)
+  wavelength_K2 = 2 * math.pi / freq_K2
+  smooth_K2 = (original_L / wavelength_K2 - low) / (high - low)
+  smoothed_K2 = (1 - smooth_K2) * freq_K2 / factor + smooth_K2 * freq_K2
+  long_K2, short_K2 = wavelength_K2 > original_L / low, wavelength_K2 < original_L / high
+  return jnp.where(long_K2, freq_K2 / factor, jnp.where(short_K2, freq_K2, smoothed_K2))
+
+
+def rope(x_BxLxHxK: jax.Array, pos_BxL: jax.Array, base: float, scaling: str = '') -> jax.Array:
+  """Rotates each pair (x_i, x_i+K/2) by the angle pos · rope_freqs(K, base, scaling)[i]."""
+  freq_K2 = rope_freqs(x_BxLxHxK.shape[-1], base, scaling)
   angle_BxLx1xK2 = (pos_BxL[..., None].astype(jnp.float32) * freq_K2)[:, :, None]
   sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
 
 
+Cache = tuple[jax.Array, jax.Array] | None
+
+
+def write_cache(
+  cache: Cache, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, pos_BxL: jax.Array
+) -> Cache:
+  """The cache's keys and values, k_BxMxGxK and v_BxMxGxK, with the new ones at pos_BxL; no
+  cache (None, training): None."""
+  if cache is None:
+    return None
+  b_Bx1 = jnp.arange(pos_BxL.shape[0])[:, None]
+  return cache[0].at[b_Bx1, pos_BxL].set(k_BxLxGxK), cache[1].at[b_Bx1, pos_BxL].set(v_BxLxGxK)
+
+
 def attend(
-  q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array, visible_BxLxM: jax.Array
+  q_BxLxHxK: jax.Array,
+  k_BxMxGxK: jax.Array,
+  v_BxMxGxK: jax.Array,
+  visible_BxLxM: jax.Array,
+  kind: str = 'einsum',
 ) -> jax.Array:
-  """Softmax attention of each query head over its key/value head's visible positions."""
+  """Softmax attention of each query head over its key/value head's visible positions.
+
+  kind 'dot_product_attention': jax.nn's, which picks cuDNN's fused kernel on GPUs.
+  """
+  if kind == 'dot_product_attention':
+    return jax.nn.dot_product_attention(
+      q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask=visible_BxLxM[:, None]
+    )
   (B, L, H, K), G = q_BxLxHxK.shape, k_BxMxGxK.shape[2]
   # Heads first, so that every einsum is a plain batched matmul: 16% faster on CPU.
   q_BxGxRxLxK = q_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4) * K**-0.5

@@ -41,10 +41,16 @@ def get_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
 
 
+def _vector(path: tuple, p: jax.Array) -> bool:
+  """A norm's scale or bias, or a projection's (named b..): neither Muon nor decay treats it."""
+  return p.ndim < 2 or path_str(path).split('/')[-1].startswith('b')
+
+
 def decay_mask(params: PyTree, exclude: str) -> PyTree:
   """True for the matrices weight decay applies to: not vectors, not paths matching exclude."""
   return jax.tree_util.tree_map_with_path(
-    lambda path, p: p.ndim > 1 and not (exclude and re.search(exclude, path_str(path))), params
+    lambda path, p: not _vector(path, p) and not (exclude and re.search(exclude, path_str(path))),
+    params,
   )
 
 
@@ -74,7 +80,7 @@ def muon_dims(params: PyTree) -> PyTree:
 
   def dims(path: tuple, p: jax.Array) -> optax.contrib.MuonDimensionNumbers | None:
     name = path_str(path).split('/')[-1]
-    if not path_str(path).startswith('blocks/') or p.ndim < 2:
+    if not path_str(path).startswith('blocks/') or _vector(path, p):
       return None
     axes = name.split('_')[-1].split('x')
     named = [i for i, a in enumerate(axes) if not a.isdigit()]

@@ -89,7 +89,7 @@ def _logger(
   """The run's metrics writer and console from step on; a row per variant for a group."""
   config = json.loads(c.to_json_best_effort())
   writer = metrics.Writer(c.workdir, step, config, c.wandb_project, c.wandb_entity)
-  flops_per_token = metrics.model_flops_per_token(params, cfg.D, cfg.L, cfg.N, cfg.V)
+  flops_per_token = metrics.model_flops_per_token(params, cfg)
   rows = len(group or [0]) * c.batch_size * cfg.L  # a stack trains every variant's rows
   settings = dict(num_steps=c.opt.num_train_steps, log_every=c.log_every_steps, row_tokens=rows)
   settings |= dict(flops_per_token=flops_per_token, peak_tflops=c.peak_tflops, dtype=cfg.dtype)

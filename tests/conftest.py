@@ -28,6 +28,10 @@ MAIN = os.path.join(os.path.dirname(train.__file__), 'main.py')
 CONFIG = os.path.join(os.path.dirname(train.__file__), 'configs', 'default.py')
 
 
+# Biases, heads wider than D / H, Llama 3's RoPE scaling: what the hub's families need.
+HUB_OPTIONS = {'bias': 'all', 'K': 24, 'positions': 'rope', 'rope_scaling': 'llama3:4,1,4,8'}
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
   """A model small enough to compile and run in a second; the other keys as configs/default.py."""
   tiny = {'D': 32, 'H': 2, 'L': 16, 'N': 2, 'V': 97, 'F': 64}
@@ -202,6 +206,8 @@ HF_RUNS = {
   'gpt2': {},
   'llama': {**_ROPE, 'KV': 1, 'tied': False, 'norm_eps': 1e-5, 'rope_base': 500.0},
   'qwen3': {**_ROPE, 'qk_norm': True, 'dtype': 'bfloat16'},
+  # Biased q, k and v, heads wider than D / H, Llama 3's RoPE scaling (beyond 8 positions).
+  'qwen2': {**_ROPE, 'bias': 'qkv', 'K': 24, 'rope_scaling': 'llama3:4,1,4,32'},
 }
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from flax import nnx
 
 from nanodo import train
 from nanodo.corpora import builtin
+from nanodo.infra import workdir
 from nanodo.model import TransformerDecoder
 from nanodo.tools import gguf_export, trained
 
@@ -84,6 +86,21 @@ def test_what_gguf_export_cannot_write_is_refused_writing_nothing(hf_exports, ru
   gpt2, file = hf_exports('gpt2')[0], str(tmp_path / 'model.gguf')
   with pytest.raises(ValueError, match='writes the llama and qwen3 families; this run is gpt2'):
     gguf_export.export(gpt2, file)
+  with pytest.raises(ValueError, match='writes the llama and qwen3 families; this run is qwen2'):
+    gguf_export.export(hf_exports('qwen2')[0], file)
+  c = workdir.run_config(runs['llama'])
+  for key, value, error in [
+    ('bias', 'all', "without biases; this run has model.bias='all'"),
+    ('rope_scaling', 'llama3:8,1,4,16', "plain RoPE; this run has model.rope_scaling='llama3"),
+  ]:
+    c.model[key] = value
+    c.workdir = str(tmp_path / key)
+    os.makedirs(c.workdir)
+    workdir.write_config(c)  # a run's config is all export reads before it refuses
+    with pytest.raises(ValueError, match=error):
+      gguf_export.export(c.workdir, file)
+    c.model[key] = workdir.run_config(runs['llama']).model[key]
+    shutil.rmtree(c.workdir)
   with pytest.raises(ValueError, match=r"dtype='bfloat16' is not valid: one of \['float32'"):
     gguf_export.export(runs['llama'], file, 'bfloat16')
   assert not os.listdir(tmp_path)

@@ -22,16 +22,17 @@ from nanodo.corpora import builtin
 from nanodo.ground import tree
 from nanodo.infra import workdir
 from nanodo.model import TransformerDecoder
-from nanodo.tools import hf_export, hf_families, hf_import, sample, trained
+from nanodo.tools import hf_export, hf_families, hf_import, hf_tensors, sample, trained
 
 HELD_OUT = builtin.shakespeare()[1]
+_QWEN3 = {'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu', 'qk_norm': True}
 
 
 @pytest.mark.parametrize('name', HF_RUNS)
 def test_transformers_gives_nanodos_logits_and_greedy_tokens(hf_exports, name):
   path, out = hf_exports(name)
   run, model = trained.load(path), transformers.AutoModelForCausalLM.from_pretrained(out)
-  assert type(model).__name__ == hf_families.FAMILIES[name][1] and model.dtype == torch.float32
+  assert type(model).__name__ == hf_families.FAMILIES[name][2] and model.dtype == torch.float32
   cfg = dataclasses.replace(run.cfg, dtype='float32')  # a bfloat16 run's weights are float32
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: TransformerDecoder(cfg, nnx.Rngs(0))))
   ids = [run.sp.bos_id(), *run.sp.encode(HELD_OUT[0][:5000])]
@@ -64,13 +65,15 @@ def test_export_import_export_round_trips_bit_for_bit(hf_exports, name, tmp_path
   path, out = hf_exports(name)
   run = trained.load(path)
   c = hf_import.config(tiny_config(str(tmp_path / 'run'), vocab_path='', hf_init_dir=out))
-  kept = 'D H L N F KV tied rope_base norm_eps positions norm mlp qk_norm'.split()
+  kept = (
+    'D H L N F KV K bias tied rope_base rope_scaling norm_eps positions norm mlp qk_norm'.split()
+  )
   assert {k: c.model[k] for k in kept} == {k: run.config.model[k] for k in kept}
   params = hf_import.params(out, run.cfg, run.params)
   same = lambda a, b: a.dtype == b.dtype and np.array_equal(a, b)
   assert all(map(same, *(tree.by_path(p).values() for p in (params, run.params))))
   tensors = safetensors_numpy.load_file(os.path.join(out, 'model.safetensors'))
-  again = hf_families.to_hf(run.cfg, name, tree.by_path(params))
+  again = hf_tensors.to_hf(run.cfg, name, tree.by_path(params))
   assert set(again) == set(tensors) and all(same(np.asarray(again[k]), tensors[k]) for k in again)
   if name == 'gpt2':  # the context under both names other converters (llama.cpp's) look for
     config = json.loads(pathlib.Path(out, 'config.json').read_text())
@@ -87,6 +90,9 @@ def test_export_import_export_round_trips_bit_for_bit(hf_exports, name, tmp_path
     ({'KV': 1}, 'model.KV=1 with learned positions has no counterpart'),
     ({'mlp': 'relu2'}, r"model.mlp='relu2' \(with positions='learned'"),
     ({'logit_softcap': 15.0}, r'model.logit_softcap=15.0 has no Hugging Face counterpart'),
+    ({'bias': 'qkv'}, r"model.bias='qkv' has no counterpart in gpt2: 'all' or 'none'"),
+    ({'K': 24}, r'model.K=24 with learned positions has no counterpart: GPT-2 heads are .* 16'),
+    ({**_QWEN3, 'bias': 'all'}, r"model.bias='all' has no counterpart in qwen3: 'none'"),
     ({'experts': 8}, r'model.experts=8 is unknown to export'),  # an option added later
   ],
 )

@@ -16,6 +16,7 @@ from safetensors import torch as safetensors_torch
 from nanodo import train
 from nanodo.ground import tree
 from nanodo.infra import validate, workdir
+from nanodo.model import ModelConfig, abstract
 from nanodo.tools import hf_import, trained
 
 
@@ -89,8 +90,16 @@ def copy_with(out: str, dest: str, config_changes: dict, drop: str = '') -> str:
       r'neither tokenizer.model \(SentencePiece\) nor tokenizer.json',
     ),
     ('gpt2', {}, 'model.safetensors', {}, 'no model.safetensors: nanodo reads weights from'),
-    ('llama', {'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5}}, '', {}, 'llama3'),
-    ('qwen3', {'head_dim': 32}, '', {}, 'head_dim=32 is not hidden_size / num_attention_heads'),
+    (
+      'llama',
+      {'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5}},
+      '',
+      {},
+      "no 'factor'",
+    ),
+    ('llama', {'rope_parameters': {'rope_type': 'yarn'}}, '', {}, r'\(plain RoPE, or llama3\)'),
+    ('llama', {'attention_bias': True}, '', {}, 'mlp_bias=False: both or neither'),
+    ('qwen3', {'head_dim': 32}, '', {}, r'k_norm.weight is \[16\]; .* make it \[32\]'),
     ('qwen3', {'hidden_act': 'gelu'}, '', {}, "hidden_act='gelu' has no counterpart in nanodo"),
   ],
 )
@@ -104,11 +113,23 @@ def test_an_import_dir_nanodo_cannot_use_is_refused_before_any_write(
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_an_import_dir_with_gpt2_biases_is_refused(hf_exports, tmp_path):
-  bad = copy_with(hf_exports('gpt2')[1], str(tmp_path / 'hf'), {})
-  tensors = safetensors_numpy.load_file(os.path.join(bad, 'model.safetensors'))
+def test_a_gpt2_has_biases_unless_they_are_the_zeros_of_nanodos_export(hf_exports, tmp_path):
+  out = hf_exports('gpt2')[1]
+  assert (
+    hf_import.config(tiny_config(str(tmp_path / 'run'), hf_init_dir=out, vocab_path='')).model.bias
+    == 'none'
+  )
+  c = tiny_config(str(tmp_path / 'run'), hf_init_dir=out, vocab_path='')
+  c.model.bias = 'all'  # asked for: zero biases to train
+  assert hf_import.config(c).model.bias == 'all'
+  biased = copy_with(out, str(tmp_path / 'hf'), {})
+  tensors = safetensors_numpy.load_file(os.path.join(biased, 'model.safetensors'))
   tensors['transformer.h.1.mlp.c_fc.bias'][3] = 0.5
-  safetensors_numpy.save_file(tensors, os.path.join(bad, 'model.safetensors'))
-  c = tiny_config(str(tmp_path / 'run'), hf_init_dir=bad, vocab_path='')
-  with pytest.raises(ValueError, match='h.1.mlp.c_fc.bias is not zero, and nanodo has no biases'):
-    hf_import.config(c)
+  safetensors_numpy.save_file(tensors, os.path.join(biased, 'model.safetensors'))
+  c = hf_import.config(tiny_config(str(tmp_path / 'run'), hf_init_dir=biased, vocab_path=''))
+  assert c.model.bias == 'all'
+  cfg = ModelConfig(V=c.vocab_size, **c.model)
+  params = tree.by_path(hf_import.params(biased, cfg, abstract(cfg)[1]))
+  assert (
+    params['blocks/1/mlp/bi_SxF'][0, 3] == 0.5 and np.sum(params['blocks/1/mlp/bi_SxF'] != 0) == 1
+  )

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import HUB_OPTIONS, tiny_model_config
 from flax import nnx
 
 from nanodo.model import TransformerDecoder
@@ -24,9 +24,9 @@ def test_output_shape_and_dtype():
   assert logits_BxLxV.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('remat', [False, True])
-def test_future_tokens_do_not_change_past_logits(remat):
-  cfg = tiny_model_config(remat=remat)
+@pytest.mark.parametrize('remat, options', [(False, {}), (True, {}), (False, HUB_OPTIONS)])
+def test_future_tokens_do_not_change_past_logits(remat, options):
+  cfg = tiny_model_config(remat=remat, **options)
   model = TransformerDecoder(cfg, nnx.Rngs(0))
   x_BxL = jax.random.randint(jax.random.key(1), (2, cfg.L), 0, cfg.V)
   t = cfg.L // 2

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config, tiny_model_config
+from conftest import HUB_OPTIONS, tiny_config, tiny_model_config
 from flax import nnx
 
 from nanodo import train
+from nanodo.ground.tree import path_str
 from nanodo.model import TransformerDecoder
 from nanodo.tools import sample
 from nanodo.tools.sample import init_cache
@@ -26,8 +27,8 @@ GREEDY = sample.Sampling(temperature=0.0)
 NO_EOS = -1
 
 
-def _model(seed=0):
-  cfg = tiny_model_config()
+def _model(seed=0, **options):
+  cfg = tiny_model_config(**options)
   return cfg, TransformerDecoder(cfg, nnx.Rngs(seed))
 
 
@@ -70,8 +71,13 @@ def _decode(model, x_BxL, pos_BxL, cache):
   return model.decode(x_BxL, pos_BxL, cache)
 
 
-def test_cached_decoding_gives_the_full_forward_logits_at_every_position():
-  cfg, model = _model()
+@pytest.mark.parametrize('options', [{}, HUB_OPTIONS])
+def test_cached_decoding_gives_the_full_forward_logits_at_every_position(options):
+  cfg, model = _model(**options)
+  graphdef, params = nnx.split(model)
+  bias = lambda path: path_str(path).split('/')[-1].startswith('b')
+  shifted = jax.tree_util.tree_map_with_path(lambda k, p: p + 0.1 * bias(k), params)
+  model = nnx.merge(graphdef, shifted)  # biases away from their zeros
   x_BxL = jax.random.randint(jax.random.key(1), (2, cfg.L), 0, cfg.V)
   P = 5
   logits, cache = _decode(

@@ -130,7 +130,12 @@ def test_model_flops_per_token_counts_every_matmul():
   expected = 6 * N * (4 * D * D + 2 * D * F) + 6 * N * L * D * 2 + 6 * D * V
   # LayerNorm scales are parameters too (N blocks × 2 + final), counted in P as 6 FLOPs each.
   expected += 6 * (2 * N + 1) * D
-  assert metrics.model_flops_per_token(params, D, L, N, V) == expected
+  assert metrics.model_flops_per_token(params, cfg) == expected
+  # An explicit head dimension widens q, k, v, o and the attention scores: H·K for D.
+  cfg = tiny_model_config(K=24)
+  params = nnx.state(TransformerDecoder(cfg, nnx.Rngs(0)))
+  expected = 6 * N * (4 * D * 2 * 24 + 2 * D * F) + 6 * N * L * 2 * 24 * 2 + 6 * D * V
+  assert metrics.model_flops_per_token(params, cfg) == expected + 6 * (2 * N + 1) * D
 
 
 # The timed run's extra waits: in its first step (as a long compile would be) and in each save.
@@ -171,9 +176,7 @@ def _seconds(c: ConfigDict, row: dict) -> float:
 def test_logged_mfu_uses_the_given_peak(timed_run):
   c, rows = timed_run
   cfg = tiny_model_config(L=c.model.L, V=tokenizer.load(VOCAB).vocab_size())
-  per_token = metrics.model_flops_per_token(
-    nnx.state(TransformerDecoder(cfg, nnx.Rngs(0))), cfg.D, cfg.L, cfg.N, cfg.V
-  )
+  per_token = metrics.model_flops_per_token(nnx.state(TransformerDecoder(cfg, nnx.Rngs(0))), cfg)
   for r in rows[1:]:
     assert r['mfu'] == pytest.approx(r['tokens_per_sec'] * per_token / 1e9, rel=1e-6)
   # Row tokens/s is the step's rows over the wall-clock time since the step before was logged

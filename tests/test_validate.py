@@ -89,6 +89,9 @@ def test_every_key_is_type_checked(key, tmp_path):
     ('opt.clip_by_global_norm', -1.0, 'must be >= 0'),
     ('model.tied', 'no', 'must be True or False'),
     ('model.KV', 1.0, 'must be an integer'),
+    ('model.K', -1, 'must be a positive integer (0: model.D // model.H)'),
+    ('model.bias', 'some', "one of ('none', 'qkv', 'all')"),
+    ('model.rope_scaling', 'llama3:8,1,4,16', "scales RoPE: needs model.positions='rope'"),
     ('peak_tflops', -1.0, 'must be >= 0'),
     ('log_every_steps', 0, 'must be a positive integer'),
     ('eval_every_steps', 0, 'must be a positive integer'),
@@ -108,6 +111,18 @@ def test_bad_values_name_the_key_the_value_and_what_is_valid(key, value, message
     validate.check(_with(str(tmp_path / 'run'), key, value))
   assert str(e.value).startswith(f'{key}={shown!r} is not ')
   assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+  'spec', ['llama3:8,1,4', 'yarn:8,1,4,16', 'llama3:8,4,1,16', 'llama3:a,b,c,d']
+)
+def test_a_rope_scaling_that_is_not_llama3s_is_refused(spec, tmp_path):
+  c = tiny_config(str(tmp_path / 'run'))
+  c.model.update(positions='rope', rope_scaling=spec)
+  with pytest.raises(validate.ConfigError, match='llama3:factor,low_freq_factor,high_freq_factor'):
+    validate.check(c)
+  c.model.update(rope_scaling='llama3:8,1,4,16', D=30, K=16)  # D / H need not be the head
+  validate.check(c)
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):

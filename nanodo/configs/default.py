@@ -53,11 +53,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Options beyond the original; the defaults are the original's architecture.
   c.model.positions = 'learned'  # 'learned' | 'rope' | 'none'
   c.model.rope_base = 10_000.0
+  # '': plain RoPE; 'llama3:factor,low_freq_factor,high_freq_factor,original_L': Llama 3.1's
+  # longer wavelengths, e.g. 'llama3:32,1,4,8192' (Llama 3.2).
+  c.model.rope_scaling = ''
   c.model.norm = 'layernorm'  # 'layernorm' (no bias) | 'rmsnorm'
   c.model.norm_eps = 1e-6  # added to the variance (mean square) in every norm
   c.model.mlp = 'gelu'  # 'gelu' | 'swiglu' | 'relu2' (squared ReLU)
   c.model.qk_norm = False  # normalise queries and keys per head
   c.model.KV = 0  # key/value heads, dividing H (1: multi-query); 0: H (multi-head)
+  c.model.K = 0  # head dimension; 0: D // H
+  # Biases, zero-initialised: 'none'; 'qkv' on the query, key and value projections (Qwen2);
+  # 'all' on every projection but the output head, and on LayerNorm (GPT-2).
+  c.model.bias = 'none'
   c.model.tied = True  # output projection shares the input embedding
   c.model.attention = 'einsum'  # 'einsum' | 'dot_product_attention' (cuDNN on GPUs)
   c.model.zero_init = False  # attention's and the MLP's output projections start at zero

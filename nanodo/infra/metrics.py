@@ -15,7 +15,7 @@ from nanodo.ground import files
 from nanodo.ground.console import Progress, fmt, log
 from nanodo.ground.tree import PyTree, path_str
 from nanodo.infra import events, peaks, run_record, workdir
-from nanodo.model import ModelConfig
+from nanodo.model import ModelConfig, head_dim
 
 EMBEDDINGS = r'^(embed_VxD|pos_LxD|head_DxV)$'
 
@@ -28,11 +28,12 @@ def param_counts(params: PyTree) -> dict[str, int]:
   return {'all': total, 'embedding': embedding, 'non_embedding': total - embedding}
 
 
-def model_flops_per_token(params: PyTree, D: int, L: int, N: int, V: int) -> float:
-  """Training FLOPs of one token: 6·P + 12·N·L·D + 6·D·V, P the non-embedding parameters."""
+def model_flops_per_token(params: PyTree, cfg: ModelConfig) -> float:
+  """Training FLOPs of one token: 6·P + 12·N·L·H·K + 6·D·V, P the non-embedding parameters."""
   # Attention counts all L positions (causal masking not discounted); the output projection
   # (tied or not) is the 6·D·V term; embedding lookups cost no FLOPs.
-  return 6 * param_counts(params)['non_embedding'] + 12 * N * L * D + 6 * D * V
+  attention = 12 * cfg.N * cfg.L * cfg.H * head_dim(cfg)
+  return 6 * param_counts(params)['non_embedding'] + attention + 6 * cfg.D * cfg.V
 
 
 def banner(params: PyTree, cfg: ModelConfig, data: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import ml_collections
 from flax import traverse_util
 
-from nanodo import data, model, optimizer, sharding
+from nanodo import data, model, ops, optimizer, sharding
 from nanodo.configs import default
 from nanodo.corpora import sources, tokenizer
 from nanodo.ground import files
@@ -65,6 +65,16 @@ def _one_of(value: object, valid: tuple) -> tuple[bool, str]:
   return value in valid, f'one of {valid}'
 
 
+def _rope_scaling(spec: str) -> tuple[bool, str]:
+  """Whether spec parses, with Llama 3's factors in their ranges."""
+  valid = "'' or llama3:factor,low_freq_factor,high_freq_factor,original_L, e.g. llama3:32,1,4,8192"
+  try:
+    factor, low, high, original_L = ops.llama3_scaling(spec)
+  except ValueError:
+    return False, valid
+  return factor >= 1 and 0 < low < high and original_L > 0, valid + ' (factor >= 1, low < high)'
+
+
 def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_Check]:
   """Every check of c in order, each made once those before it pass (model.H > 0, then D % H)."""
   w, restore, m, o, d = c.workdir, c.checkpoint_restore_dir, c.model, c.opt, c.distributed
@@ -86,18 +96,25 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   for key in ('D', 'H', 'L', 'N', 'F'):
     yield f'model.{key}', m[key] > 0, _POSITIVE
   yield 'model.L', m.L >= 2, 'must be at least 2'
-  yield 'model.D', m.D % m.H == 0, f'must be divisible by model.H={m.H}'
+  yield 'model.K', m.K >= 0, 'must be a positive integer (0: model.D // model.H)'
+  valid = f'must be divisible by model.H={m.H} (or give the head dimension, model.K)'
+  yield 'model.D', m.K or m.D % m.H == 0, valid
   yield 'model.dtype', *_one_of(m.dtype, DTYPES)
   yield 'model.positions', *_one_of(m.positions, model.POSITIONS)
   yield 'model.norm', *_one_of(m.norm, model.NORMS)
   yield 'model.mlp', *_one_of(m.mlp, model.MLPS)
   yield 'model.attention', *_one_of(m.attention, model.ATTENTIONS)
   yield 'model.remat_policy', *_one_of(m.remat_policy, model.REMAT_POLICIES)
+  yield 'model.bias', *_one_of(m.bias, model.BIASES)
   valid = f'must divide model.H={m.H} (0: one key/value head per query head)'
   yield 'model.KV', m.KV >= 0 and (m.KV == 0 or m.H % m.KV == 0), valid
-  valid = f'rope needs an even head dimension, model.D // model.H = {m.D // m.H}'
-  yield 'model.positions', m.positions != 'rope' or (m.D // m.H) % 2 == 0, valid
+  K = m.K or m.D // m.H
+  valid = f'rope needs an even head dimension, {K}'
+  yield 'model.positions', m.positions != 'rope' or K % 2 == 0, valid
   yield 'model.rope_base', m.rope_base > 0, 'must be > 0'
+  if m.rope_scaling:
+    yield 'model.rope_scaling', m.positions == 'rope', "scales RoPE: needs model.positions='rope'"
+    yield 'model.rope_scaling', *_rope_scaling(m.rope_scaling)
   yield 'model.norm_eps', m.norm_eps > 0, 'must be > 0'
   yield 'model.logit_softcap', m.logit_softcap >= 0, 'must be >= 0 (0: uncapped)'
   yield 'label_smoothing', 0 <= c.label_smoothing < 1, 'must be in [0, 1)'

@@ -8,16 +8,22 @@ import sentencepiece as spm
 
 from nanodo.ground import files, tree
 from nanodo.infra import workdir
-from nanodo.tools import hf_families, trained
+from nanodo.model import head_dim
+from nanodo.tools import hf_families, hf_tensors, trained
 
 NEEDS = "needs the gguf package: pip install 'nanodo[gguf]'"
 DTYPES = ('float32', 'float16')
 
 
-def _refusal(name: str, vocab: str) -> str | None:
+def _refusal(name: str, model: dict, vocab: str) -> str | None:
   """Why a run of family name, with the tokenizer in vocab, has no GGUF; None if it has one."""
-  if name == 'gpt2':
-    return 'GGUF export writes the llama and qwen3 families; this run is gpt2 (learned positions)'
+  if name not in ('llama', 'qwen3'):
+    return f'GGUF export writes the llama and qwen3 families; this run is {name}'
+  if model['bias'] != 'none':
+    return f'GGUF export writes models without biases; this run has model.bias={model["bias"]!r}'
+  if model['rope_scaling']:
+    scaling = f'model.rope_scaling={model["rope_scaling"]!r}'
+    return f"GGUF export writes plain RoPE; this run has {scaling} (llama.cpp's rope_freqs)"
   if vocab.endswith('.json'):
     why = 'its pre-tokenizer has no name llama.cpp knows for certain'
     return (
@@ -73,7 +79,7 @@ def export(
     raise ValueError(f'dtype={dtype!r} is not valid: one of {list(DTYPES)} for GGUF.')
   c = workdir.run_config(trained.variant_of(path, variant)[0])
   name, vocab = hf_families.family(c.model), trained.tokenizer_path(c) or ''
-  if why := _refusal(name, vocab):
+  if why := _refusal(name, c.model, vocab):
     raise ValueError(f'{why}: export it as a Hugging Face directory (no --format).')
   if os.path.exists(out):
     raise ValueError(f'out={out!r} exists; give a new file name.')
@@ -83,7 +89,7 @@ def export(
     raise ValueError(f'nanodo export --format=gguf {NEEDS}') from None
   run = trained.load(path, step, variant)
   cfg, sp = run.cfg, run.sp
-  tensors = hf_families.to_hf(cfg, name, tree.by_path(jax.device_get(run.params)))
+  tensors = hf_tensors.to_hf(cfg, name, tree.by_path(jax.device_get(run.params)))
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[name.upper()], cfg.N)
   KV, weights = cfg.KV or cfg.H, np.float16 if dtype == 'float16' else np.float32
   with files.replaced(out) as tmp:
@@ -98,9 +104,9 @@ def export(
     w.add_feed_forward_length(cfg.F)
     w.add_head_count(cfg.H)
     w.add_head_count_kv(KV)
-    w.add_key_length(cfg.D // cfg.H)
-    w.add_value_length(cfg.D // cfg.H)
-    w.add_rope_dimension_count(cfg.D // cfg.H)
+    w.add_key_length(head_dim(cfg))
+    w.add_value_length(head_dim(cfg))
+    w.add_rope_dimension_count(head_dim(cfg))
     w.add_rope_freq_base(cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     _tokenizer(w, sp, cfg.V)

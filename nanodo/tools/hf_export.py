@@ -1,4 +1,4 @@
-"""`nanodo export`: a trained run as a Hugging Face model directory (GPT-2, Llama or Qwen3)."""
+"""`nanodo export`: a trained run as a Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import sentencepiece as spm
 from nanodo.corpora import tokenizer
 from nanodo.ground import files, tree
 from nanodo.infra import workdir
-from nanodo.tools import hf_families, trained
+from nanodo.tools import hf_families, hf_tensors, trained
 
 
 def _tokenizer_config(sp: spm.SentencePieceProcessor, L: int) -> dict:
@@ -57,7 +57,7 @@ def export(path: str, out: str, step: int | None = None, variant: int | None = N
         'tokenizer_config.json': _tokenizer_config(sp, run.cfg.L),
       },
     )
-  tensors = hf_families.to_hf(run.cfg, name, tree.by_path(jax.device_get(run.params)))
+  tensors = hf_tensors.to_hf(run.cfg, name, tree.by_path(jax.device_get(run.params)))
   # Contiguous: safetensors writes an array's memory as it lies, whatever its strides.
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
   with files.replaced(out) as tmp:  # replaces an empty directory

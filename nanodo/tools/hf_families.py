@@ -1,28 +1,27 @@
-"""The Hugging Face families of nanodo's models: GPT-2, Llama, Qwen3; their configs and tensors."""
+"""The Hugging Face families of nanodo's models: GPT-2, Llama, Qwen2, Qwen3; their config.json."""
 
-import math
-
-import jax
-import jax.numpy as jnp
 import sentencepiece as spm
 
-from nanodo.ground import tree
-from nanodo.model import ModelConfig, abstract
+from nanodo.model import ModelConfig, head_dim
+from nanodo.ops import llama3_scaling
 
 NEEDS = "needs the safetensors package: pip install 'nanodo[hf-models]'"
-# Each family's (positions, norm, mlp, qk_norm) and its transformers class.
+# Each family's (positions, norm, mlp, qk_norm), its biases (the first: an import's), its
+# transformers class. Qwen2 is Llama with biased q, k and v.
 FAMILIES = {
-  'gpt2': (('learned', 'layernorm', 'gelu', False), 'GPT2LMHeadModel'),
-  'llama': (('rope', 'rmsnorm', 'swiglu', False), 'LlamaForCausalLM'),
-  'qwen3': (('rope', 'rmsnorm', 'swiglu', True), 'Qwen3ForCausalLM'),
+  'gpt2': (('learned', 'layernorm', 'gelu', False), ('all', 'none'), 'GPT2LMHeadModel'),
+  'llama': (('rope', 'rmsnorm', 'swiglu', False), ('none', 'all'), 'LlamaForCausalLM'),
+  'qwen2': (('rope', 'rmsnorm', 'swiglu', False), ('qkv',), 'Qwen2ForCausalLM'),
+  'qwen3': (('rope', 'rmsnorm', 'swiglu', True), ('none',), 'Qwen3ForCausalLM'),
 }
 _OPTIONS = ('positions', 'norm', 'mlp', 'qk_norm')
 # Model keys every family takes: sizes, how nanodo computes rather than what, an initialisation,
 # and the soft-cap (refused unless 0).
-_SHARED = 'V D H L N F KV tied rope_base norm_eps dtype remat remat_policy attention'.split()
-_SHARED += ['zero_init', 'logit_softcap']
+_SHARED = 'V D H L N F KV K bias tied rope_base rope_scaling norm_eps dtype remat'.split()
+_SHARED += ['remat_policy', 'attention', 'zero_init', 'logit_softcap']
 _SUPPORTED = (
-  'learned + layernorm + gelu (GPT-2), rope + rmsnorm + swiglu (Llama), with qk_norm (Qwen3)'
+  'learned + layernorm + gelu (GPT-2), rope + rmsnorm + swiglu (Llama; Qwen2 with'
+  " bias='qkv'), with qk_norm (Qwen3)"
 )
 # Settings of a config.json that nanodo computes one way only: the values it takes (the first is
 # transformers' default, for a key left out).
@@ -33,9 +32,11 @@ _FIXED = {
     'scale_attn_by_inverse_layer_idx': (False,),
     'add_cross_attention': (False,),
   },
-  'llama': {'hidden_act': ('silu',), 'attention_bias': (False,), 'mlp_bias': (False,)},
+  'llama': {'hidden_act': ('silu',)},
+  'qwen2': {'hidden_act': ('silu',), 'use_sliding_window': (False,)},
   'qwen3': {'hidden_act': ('silu',), 'attention_bias': (False,), 'use_sliding_window': (False,)},
 }
+_LLAMA3 = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
 
 
 def family(model: dict) -> str:
@@ -57,9 +58,16 @@ def family(model: dict) -> str:
     raise ValueError(
       f'{odd} (with {rest}) has no Hugging Face counterpart; export supports {_SUPPORTED}.'
     )
+  name = 'qwen2' if name == 'llama' and model['bias'] == 'qkv' else name
+  if model['bias'] not in FAMILIES[name][1]:
+    valid = ' or '.join(repr(b) for b in FAMILIES[name][1])
+    raise ValueError(f'model.bias={model["bias"]!r} has no counterpart in {name}: {valid}.')
   if name == 'gpt2' and model['KV'] not in (0, model['H']):
     why = 'GPT-2 has a key/value head per query head'
     raise ValueError(f'model.KV={model["KV"]} with learned positions has no counterpart: {why}.')
+  if name == 'gpt2' and model['K'] and model['K'] * model['H'] != model['D']:
+    why = f'GPT-2 heads are model.D / model.H = {model["D"] / model["H"]:g} wide'
+    raise ValueError(f'model.K={model["K"]} with learned positions has no counterpart: {why}.')
   return name
 
 
@@ -67,7 +75,7 @@ def hf_config(cfg: ModelConfig, name: str, sp: spm.SentencePieceProcessor) -> di
   """The config.json of cfg as a model of family name, with the token ids of sp."""
   pad = sp.pad_id() if sp.pad_id() >= 0 else None
   ids = {'bos_token_id': sp.bos_id(), 'eos_token_id': sp.eos_id(), 'pad_token_id': pad}
-  common = {'architectures': [FAMILIES[name][1]], 'model_type': name, 'vocab_size': cfg.V}
+  common = {'architectures': [FAMILIES[name][2]], 'model_type': name, 'vocab_size': cfg.V}
   common |= {'tie_word_embeddings': cfg.tied, 'dtype': 'float32', **ids}
   if name == 'gpt2':
     sizes = {'n_embd': cfg.D, 'n_head': cfg.H, 'n_layer': cfg.N, 'n_positions': cfg.L}
@@ -80,11 +88,29 @@ def hf_config(cfg: ModelConfig, name: str, sp: spm.SentencePieceProcessor) -> di
     'num_attention_heads': cfg.H,
     'num_key_value_heads': cfg.KV or cfg.H,
   }
-  sizes |= {'head_dim': cfg.D // cfg.H, 'num_hidden_layers': cfg.N, 'intermediate_size': cfg.F}
-  rope = {'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_base}}
-  rest = {'max_position_embeddings': cfg.L, 'rms_norm_eps': cfg.norm_eps, **rope}
+  sizes |= {'head_dim': head_dim(cfg), 'num_hidden_layers': cfg.N, 'intermediate_size': cfg.F}
+  rope = {'rope_type': 'default', 'rope_theta': cfg.rope_base}
+  if scaling := llama3_scaling(cfg.rope_scaling):
+    rope = {'rope_type': 'llama3', 'rope_theta': cfg.rope_base}
+    rope |= dict(zip(_LLAMA3, (*scaling[:3], int(scaling[3])), strict=True))
+  rest = {'max_position_embeddings': cfg.L, 'rms_norm_eps': cfg.norm_eps, 'rope_parameters': rope}
   fixed = {k: v[0] for k, v in _FIXED[name].items()}
+  if name == 'llama':
+    fixed |= {'attention_bias': cfg.bias == 'all', 'mlp_bias': cfg.bias == 'all'}
   return common | sizes | rest | fixed
+
+
+def _rope(hf: dict, where: str) -> tuple[float, str]:
+  """rope_base and rope_scaling of a config.json's RoPE, in either of transformers' forms."""
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  theta = float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0)))
+  kind = rope.get('rope_type', rope.get('type', 'default'))
+  if kind == 'default':
+    return theta, ''
+  if kind != 'llama3':
+    raise ValueError(f'{where}: {rope} has no counterpart in nanodo (plain RoPE, or llama3).')
+  values = [float(rope[k]) for k in _LLAMA3]
+  return theta, 'llama3:' + ','.join(str(int(v)) if v == int(v) else repr(v) for v in values)
 
 
 def model_keys(hf: dict, where: str) -> tuple[str, dict]:
@@ -98,113 +124,23 @@ def model_keys(hf: dict, where: str) -> tuple[str, dict]:
   for key, valid in _FIXED[name].items():
     if hf.get(key, valid[0]) not in valid:
       raise ValueError(f'{where}: {key}={hf[key]!r} has no counterpart in nanodo ({valid[0]!r}).')
-  keys = dict(zip(_OPTIONS, FAMILIES[name][0], strict=True))
+  keys = dict(zip(_OPTIONS, FAMILIES[name][0], strict=True)) | {'bias': FAMILIES[name][1][0]}
   if name == 'gpt2':
     D = hf['n_embd']
     keys |= {'V': hf['vocab_size'], 'D': D, 'H': hf['n_head'], 'N': hf['n_layer']}
     keys |= {'L': hf['n_positions'], 'F': hf.get('n_inner') or 4 * D, 'KV': 0}
     eps = hf['layer_norm_epsilon']
     return name, keys | {'tied': hf.get('tie_word_embeddings', True), 'norm_eps': eps}
+  if name == 'llama':
+    biased = hf.get('attention_bias', False), hf.get('mlp_bias', False)
+    if biased[0] != biased[1]:
+      both = 'both or neither, as in nanodo (model.bias)'
+      raise ValueError(f'{where}: attention_bias={biased[0]} and mlp_bias={biased[1]}: {both}.')
+    keys['bias'] = 'all' if biased[0] else 'none'
   D, H = hf['hidden_size'], hf['num_attention_heads']
-  rope = hf.get('rope_parameters') or {'rope_theta': hf.get('rope_theta', 10_000.0)}
-  if rope.get('rope_type', 'default') != 'default' or hf.get('rope_scaling'):
-    raise ValueError(f'{where}: {rope} has no counterpart in nanodo (RoPE without scaling).')
-  if hf.get('head_dim') not in (None, D // H):
-    heads = f'hidden_size / num_attention_heads = {D // H}, as in nanodo'
-    raise ValueError(f'{where}: head_dim={hf["head_dim"]} is not {heads}.')
+  K = hf.get('head_dim') or D // H
   G = hf.get('num_key_value_heads') or H
   keys |= {'N': hf['num_hidden_layers'], 'F': hf['intermediate_size'], 'KV': 0 if G == H else G}
-  keys |= {'rope_base': float(rope['rope_theta']), 'tied': hf.get('tie_word_embeddings', False)}
+  keys |= {'K': 0 if K * H == D else K, 'tied': hf.get('tie_word_embeddings', False)}
+  keys['rope_base'], keys['rope_scaling'] = _rope(hf, where)
   return name, keys | {'V': hf['vocab_size'], 'D': D, 'H': H, 'norm_eps': hf['rms_norm_eps']}
-
-
-# Per layer: (Hugging Face tensor, nanodo parameter, index into it, its input axes). A tensor is
-# the parameter (or its slice) with its input axes flattened into rows and its output axes into
-# columns, as GPT-2's Conv1D holds it (Llama's Linear holds the transpose); 0 input axes: as it
-# is. GPT-2 holds q, k and v side by side in one tensor (its columns) and adds zero biases.
-_GPT2_LAYER = [
-  ('attn.c_attn.weight:q', 'attn/wq_DxHxK', None, 1),
-  ('attn.c_attn.weight:k', 'attn/wkv_2xDxGxK', 0, 1),
-  ('attn.c_attn.weight:v', 'attn/wkv_2xDxGxK', 1, 1),
-  ('attn.c_proj.weight', 'attn/wo_HxKxD', None, 2),
-  ('mlp.c_fc.weight', 'mlp/wi_DxF', None, 1),
-  ('mlp.c_proj.weight', 'mlp/wo_FxD', None, 1),
-  ('ln_1.weight', 'ln1/scale', None, 0),
-  ('ln_2.weight', 'ln2/scale', None, 0),
-]
-_LLAMA_LAYER = [
-  ('self_attn.q_proj.weight', 'attn/wq_DxHxK', None, 1),
-  ('self_attn.k_proj.weight', 'attn/wkv_2xDxGxK', 0, 1),
-  ('self_attn.v_proj.weight', 'attn/wkv_2xDxGxK', 1, 1),
-  ('self_attn.o_proj.weight', 'attn/wo_HxKxD', None, 2),
-  ('mlp.gate_proj.weight', 'mlp/wi_2xDxF', 0, 1),
-  ('mlp.up_proj.weight', 'mlp/wi_2xDxF', 1, 1),
-  ('mlp.down_proj.weight', 'mlp/wo_FxD', None, 1),
-  ('input_layernorm.weight', 'ln1/scale', None, 0),
-  ('post_attention_layernorm.weight', 'ln2/scale', None, 0),
-]
-_QWEN3_LAYER = [
-  *_LLAMA_LAYER,
-  ('self_attn.q_norm.weight', 'attn/q_norm/scale', None, 0),
-  ('self_attn.k_norm.weight', 'attn/k_norm/scale', None, 0),
-]
-# (Hugging Face tensor, nanodo parameter, index, input axes, transposed) of every weight.
-Row = tuple[str, str, int | None, int, bool]
-
-
-def _table(cfg: ModelConfig, name: str) -> list[Row]:
-  """Where each Hugging Face tensor of the family name comes from in nanodo's parameters."""
-  if name == 'gpt2':
-    top = [('transformer.wte.weight', 'embed_VxD'), ('transformer.wpe.weight', 'pos_LxD')]
-    top.append(('transformer.ln_f.weight', 'ln_f/scale'))
-    block, layer = 'transformer.h', _GPT2_LAYER
-  else:
-    top = [('model.embed_tokens.weight', 'embed_VxD'), ('model.norm.weight', 'ln_f/scale')]
-    block, layer = 'model.layers', _QWEN3_LAYER if name == 'qwen3' else _LLAMA_LAYER
-  rows = [(hf, path, None, 0, False) for hf, path in top]
-  if not cfg.tied:
-    rows.append(('lm_head.weight', 'head_DxV', None, 1, True))
-  T = name != 'gpt2'
-  for i in range(cfg.N):
-    rows += [(f'{block}.{i}.{h}', f'blocks/{i}/{p}', j, n, T and n > 0) for h, p, j, n in layer]
-  return rows
-
-
-def to_hf(cfg: ModelConfig, name: str, params: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """The Hugging Face tensors of nanodo's parameters (by path)."""
-  t = {}
-  for hf, path, index, n_in, transposed in _table(cfg, name):
-    w = params[path] if index is None else params[path][index]
-    w = w.reshape(math.prod(w.shape[:n_in]), -1) if n_in else w
-    t[hf] = w.T if transposed else w
-  if name == 'gpt2':
-    for i in range(cfg.N):
-      qkv = f'transformer.h.{i}.attn.c_attn.weight'
-      t[qkv] = jnp.concatenate([t.pop(f'{qkv}:{x}') for x in 'qkv'], axis=1)
-    for k in [k for k in t if k.startswith(('transformer.h.', 'transformer.ln_f.'))]:
-      t[k.removesuffix('weight') + 'bias'] = jnp.zeros(t[k].shape[-1:], t[k].dtype)
-  return t
-
-
-def from_hf(
-  cfg: ModelConfig, name: str, t: dict[str, jax.Array], shapes: dict[str, tuple]
-) -> dict[str, jax.Array]:
-  """nanodo's parameters (by path, of these shapes) from Hugging Face tensors: to_hf undone."""
-  t = dict(t)
-  if name == 'gpt2':
-    for i in range(cfg.N):
-      qkv = f'transformer.h.{i}.attn.c_attn.weight'
-      t.update(zip([f'{qkv}:{x}' for x in 'qkv'], jnp.split(t.pop(qkv), 3, axis=1), strict=True))
-  parts = {}
-  for hf, path, index, _, transposed in _table(cfg, name):
-    w = t[hf].T if transposed else t[hf]
-    parts.setdefault(path, {})[index] = w.reshape(shapes[path][index is not None :])
-  return {
-    p: v[None] if None in v else jnp.stack([v[i] for i in sorted(v)]) for p, v in parts.items()
-  }
-
-
-def hf_shapes(cfg: ModelConfig, name: str) -> dict[str, tuple]:
-  """The shape of every tensor of a model cfg of the family name (no weights made)."""
-  hf = jax.eval_shape(lambda p: to_hf(cfg, name, p), tree.by_path(abstract(cfg)[1]))
-  return {k: tuple(v.shape) for k, v in hf.items()}

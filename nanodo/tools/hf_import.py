@@ -1,4 +1,4 @@
-"""`hf_init_dir`: a Hugging Face model directory (GPT-2, Llama or Qwen3) as a run's step 0."""
+"""`hf_init_dir`: a Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3) as a run's step 0."""
 
 import dataclasses
 import json
@@ -15,7 +15,7 @@ from nanodo.ground import files, tree
 from nanodo.ground.tree import PyTree
 from nanodo.infra import workdir
 from nanodo.model import ModelConfig
-from nanodo.tools import hf_families
+from nanodo.tools import hf_families, hf_tensors
 
 # Tensors of some checkpoints that are no weights: causal masks, RoPE frequencies.
 _BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq')
@@ -80,8 +80,8 @@ def _merged(c: ml_collections.ConfigDict, keys: dict, where: str) -> ml_collecti
 
 
 def _check_tensors(cfg: ModelConfig, name: str, path: str, where: str) -> None:
-  """ValueError unless path holds the tensors of cfg, and GPT-2's biases are zeros."""
-  expected, index = hf_families.hf_shapes(cfg, name), _index(path, where, name == 'gpt2')
+  """ValueError unless path holds the tensors of cfg."""
+  expected, index = hf_tensors.hf_shapes(cfg, name), _index(path, where, name == 'gpt2')
   missing = [k for k in expected if k not in index]
   if missing:
     raise ValueError(f'{where} lacks {missing[0]}, which a {name} model of its config.json has.')
@@ -93,10 +93,12 @@ def _check_tensors(cfg: ModelConfig, name: str, path: str, where: str) -> None:
   extra = [k for k in index if k not in expected and not k.endswith(_BUFFERS) and k != tied_head]
   if extra:
     raise ValueError(f'{where} holds {extra[0]}, which has no place in a nanodo model.')
-  biases = _read(index, [k for k in expected if k.endswith('.bias')], values=True)
-  nonzero = [k for k, v in biases.items() if np.any(v != 0)]
-  if nonzero:
-    raise ValueError(f'{where}: {nonzero[0]} is not zero, and nanodo has no biases.')
+
+
+def _zero_biases(cfg: ModelConfig, path: str, where: str) -> bool:
+  """Whether every bias of the GPT-2 in path is zero, as in nanodo's export of a run without."""
+  biases = [k for k in hf_tensors.hf_shapes(cfg, 'gpt2') if k.endswith('.bias')]
+  return not any(np.any(v != 0) for v in _read(_index(path, where, True), biases, True).values())
 
 
 def config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -129,7 +131,10 @@ def config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if pieces > new.vocab_size:  # a larger one is padded, as Qwen3's and OLMo's are
     held = f"its config.json's vocab_size={new.vocab_size}"
     raise ValueError(f'{where}: {held} is smaller than the {pieces} tokens of {vocab}.')
-  _check_tensors(ModelConfig(V=new.vocab_size, **new.model), name, path, where)
+  cfg = ModelConfig(V=new.vocab_size, **new.model)
+  _check_tensors(cfg, name, path, where)
+  if name == 'gpt2' and c.model.bias != 'all' and _zero_biases(cfg, path, where):
+    new.model.bias = 'none'  # nanodo's export of a run without biases: no biases to train
   return new
 
 
@@ -140,9 +145,9 @@ def params(path: str, cfg: ModelConfig, like: PyTree) -> PyTree:
   """
   name = hf_families.family(dataclasses.asdict(cfg))
   index = _index(path, f'hf_init_dir={path!r}', name == 'gpt2')
-  tensors = _read(index, list(hf_families.hf_shapes(cfg, name)), values=True)
+  tensors = _read(index, list(hf_tensors.hf_shapes(cfg, name)), values=True)
   shapes = {k: v.shape for k, v in tree.by_path(like).items()}
-  flat = hf_families.from_hf(cfg, name, tensors, shapes)
+  flat = hf_tensors.from_hf(cfg, name, tensors, shapes)
   return jax.tree_util.tree_map_with_path(lambda p, x: flat[tree.path_str(p)].astype(x.dtype), like)
 
 

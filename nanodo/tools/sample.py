@@ -14,7 +14,7 @@ from flax import nnx
 from nanodo.corpora import tokenizer
 from nanodo.ground.console import Progress
 from nanodo.ground.tree import PyTree
-from nanodo.model import LayerCache, ModelConfig, TransformerDecoder
+from nanodo.model import LayerCache, ModelConfig, TransformerDecoder, head_dim
 from nanodo.tools.trained import Trained
 
 # A row's tokens after its EOS: no id of any tokenizer (whose padding may be any id, or EOS).
@@ -68,7 +68,7 @@ def check_request(prompts: list[str], max_new_tokens: int, num_samples: int) -> 
 
 def init_cache(cfg: ModelConfig, B: int) -> list[LayerCache]:
   """An empty KV cache of every layer for B sequences of up to L tokens."""
-  shape = (B, cfg.L, cfg.KV or cfg.H, cfg.D // cfg.H)
+  shape = (B, cfg.L, cfg.KV or cfg.H, head_dim(cfg))
   return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.N)]
 
 

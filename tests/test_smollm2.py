@@ -114,8 +114,8 @@ def test_a_tokenizer_json_of_a_kind_nanodo_cannot_decode_is_refused(tmp_path):
   'changes, error',
   [
     ({'vocab_size': 32_000}, 'vocab_size=32000 is smaller than the 49152 tokens of'),
-    ({'mlp_bias': True}, 'mlp_bias=True has no counterpart in nanodo'),
-    ({'rope_scaling': {'rope_type': 'linear', 'factor': 2.0}}, 'RoPE without scaling'),
+    ({'mlp_bias': True}, 'attention_bias=False and mlp_bias=True: both or neither'),
+    ({'rope_scaling': {'rope_type': 'linear', 'factor': 2.0}}, r'\(plain RoPE, or llama3\)'),
   ],
 )
 def test_a_smollm2_nanodo_computes_differently_is_refused_before_any_write(

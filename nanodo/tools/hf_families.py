@@ -102,9 +102,11 @@ def hf_config(cfg: ModelConfig, name: str, sp: spm.SentencePieceProcessor) -> di
 
 def _rope(hf: dict, where: str) -> tuple[float, str]:
   """rope_base and rope_scaling of a config.json's RoPE, in either of transformers' forms."""
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  theta = float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0)))
-  kind = rope.get('rope_type', rope.get('type', 'default'))
+  forms = [hf.get('rope_parameters') or {}, hf.get('rope_scaling') or {}]
+  kind_of = lambda r: r.get('rope_type', r.get('type', 'default'))
+  rope = next((r for r in forms if kind_of(r) != 'default'), forms[0])
+  theta = float(rope.get('rope_theta', forms[0].get('rope_theta', hf.get('rope_theta', 10_000.0))))
+  kind = kind_of(rope)
   if kind == 'default':
     return theta, ''
   if kind != 'llama3':

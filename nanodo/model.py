@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nanodo.ops import attend, einsum_BL, logits, max_logit, rope, write_cache
+from nanodo.ops import LayerCache, attend, einsum_BL, logits, max_logit, rope, write_cache
 from nanodo.sharding import BATCH, FSDP
 
 POSITIONS = ('learned', 'rope', 'none')
@@ -26,8 +26,6 @@ BIASES = ('none', 'qkv', 'all')
 # What a remat'ed block keeps for the backward pass (jax.checkpoint_policies).
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 
-# Keys and values of one layer, k_BxMxGxK and v_BxMxGxK; a cache has one pair per layer.
-LayerCache = tuple[jax.Array, jax.Array]
 # The logits of hidden states h_TxD given the output projection out_VxD.
 Head = Callable[[jax.Array, jax.Array], jax.Array]
 

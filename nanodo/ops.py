@@ -67,12 +67,13 @@ def rope(x_BxLxHxK: jax.Array, pos_BxL: jax.Array, base: float, scaling: str = '
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxLxHxK.dtype)
 
 
-Cache = tuple[jax.Array, jax.Array] | None
+# Keys and values of one layer, k_BxMxGxK and v_BxMxGxK; a cache has one pair per layer.
+LayerCache = tuple[jax.Array, jax.Array]
 
 
 def write_cache(
-  cache: Cache, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, pos_BxL: jax.Array
-) -> Cache:
+  cache: LayerCache | None, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, pos_BxL: jax.Array
+) -> LayerCache | None:
   """The cache's keys and values, k_BxMxGxK and v_BxMxGxK, with the new ones at pos_BxL; no
   cache (None, training): None."""
   if cache is None:

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import MAIN, cli, tiny_config
+from tensorboard.backend.event_processing import event_accumulator
 
 from nanodo import train
 from nanodo.research import report, sweep
@@ -188,6 +189,13 @@ def test_the_command_trains_six_variants_in_two_groups_and_reports(tmp_path):
     assert set(g['fixed']) == {'model.qk_norm'} and g['lr_sensitivity'] >= 0
     assert g['best']['values']['opt.peak_learning_rate'] in (1e-3, 1e-2, 1e-1)
   assert os.path.getsize(os.path.join(workdir, report.FIGURE)) > 1000
+  # TensorBoard holds each variant's rows under its own tag, as the jsonl does.
+  group = os.path.join(workdir, 'groups', '1')
+  events = event_accumulator.EventAccumulator(group, size_guidance={'scalars': 0})
+  events.Reload()
+  for v in {r['variant'] for r in _rows(group) if 'loss' in r}:
+    read = {e.step: e.value for e in events.Scalars(f'v{v}/loss')}
+    assert read == pytest.approx(_losses(group, v), rel=1e-6) and len(read) == 4
   assert 'LR sensitivity' in out.stdout
   # The report again, from the workdir; and one variant read back by eval.
   again = _nanodo('report', f'--workdir={workdir}')

@@ -10,7 +10,7 @@ import socket
 import time
 
 from tensorboardX import summary
-from tensorboardX.proto import event_pb2
+from tensorboardX.proto import event_pb2, summary_pb2
 from tensorboardX.record_writer import RecordWriter
 
 from nanodo.ground import files
@@ -35,8 +35,10 @@ class Events:
     with files.naming(self.path):
       self._file.write(event.SerializeToString())
 
-  def scalar(self, tag: str, value: float, step: int) -> None:
-    self._write(event_pb2.Event(summary=summary.scalar(tag, value)), step)
+  def scalars(self, values: dict[str, float], step: int) -> None:
+    """A step's scalars, one event for all of them."""
+    parts = [summary.scalar(tag, value).value[0] for tag, value in values.items()]
+    self._write(event_pb2.Event(summary=summary_pb2.Summary(value=parts)), step)
 
   def text(self, tag: str, text: str, step: int) -> None:
     self._write(event_pb2.Event(summary=summary.text(tag, text)), step)

@@ -99,8 +99,7 @@ class Writer:
       self._file.write(json.dumps({'step': step, **tagged, 'time': time.time(), **metrics}) + '\n')
       self._file.flush()
     tag = '' if variant is None else f'v{variant}/'
-    for k, v in metrics.items():
-      self._tb.scalar(tag + k, v, step)
+    self._tb.scalars({tag + k: v for k, v in metrics.items()}, step)
     if flush:
       self._tb.flush()
     if self._wandb is not None:

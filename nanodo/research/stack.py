@@ -43,9 +43,9 @@ LOSS_NUMBERS = ('label_smoothing', 'z_loss')
 def hyper_parameters(c: ml_collections.ConfigDict, group: list[sweep.Variant]) -> dict:
   """The group's per-variant values: 'lr' (each step's learning rate) and each swept key's."""
   configs = [sweep.with_values(c, v.values) for v in group]
-  steps_T = jnp.arange(c.opt.num_train_steps + 1)
-  lr_KxT = jnp.stack([jax.jit(optimizer.get_schedule(g.opt))(steps_T) for g in configs])
-  hp = {'lr': lr_KxT}
+  schedules = [optimizer.get_schedule(g.opt) for g in configs]
+  table = jax.jit(lambda steps_T: jnp.stack([schedule(steps_T) for schedule in schedules]))
+  hp = {'lr': table(jnp.arange(c.opt.num_train_steps + 1))}  # one compile for all variants
   swept = {k for v in group for k in v.values if k in NUMBERS + LOSS_NUMBERS}
   for key in sorted(swept):
     hp[key] = jnp.asarray([g[key] for g in configs], jnp.float32)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from nanodo import ops
 from nanodo.ops import LayerCache, attend, einsum_BL, logits, max_logit, rope, write_cache
 from nanodo.sharding import BATCH, FSDP
 
@@ -57,6 +58,8 @@ class ModelConfig:
   attention: str
   zero_init: bool  # output projections of attention and MLP start at zero
   logit_softcap: float  # logits as c·tanh(logits / c); 0: none
+  parameterization: str  # how scales change with D: ops.PARAMETERIZATIONS
+  base_width: int  # the D at which every parameterization is sp
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -64,21 +67,9 @@ def head_dim(cfg: ModelConfig) -> int:
   return cfg.K or cfg.D // cfg.H
 
 
-def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], spec: tuple) -> nnx.Param:
-  """A normal-initialised weight with its partition spec (applied by the caller's jit)."""
-  value = nnx.initializers.normal(stddev=std)(rngs.params(), shape)
-  return nnx.Param(value, out_sharding=spec, eager_sharding=False)
-
-
-def _bias(shape: tuple[int, ...], on: bool) -> nnx.Param | None:
-  """A zero-initialised bias, replicated; None when off."""
-  spec = (None,) * len(shape)
-  return nnx.Param(jnp.zeros(shape), out_sharding=spec, eager_sharding=False) if on else None
-
-
-def _add(x: jax.Array, b: nnx.Param | None, index: int | None = None) -> jax.Array:
-  """x plus the bias b (or its row index), if there is one."""
-  return x if b is None else x + (b[...] if index is None else b[index]).astype(x.dtype)
+def scales(cfg: ModelConfig) -> ops.WidthScales:
+  """The parameterization's factors at the model's width."""
+  return ops.width_scales(cfg.parameterization, cfg.base_width, cfg.D, cfg.K)
 
 
 def _norm(cfg: ModelConfig, dim: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -96,13 +87,13 @@ class Attention(nnx.Module):
     self.cfg = cfg
     D, H, G, K = cfg.D, cfg.H, cfg.KV or cfg.H, head_dim(cfg)
     std = D**-0.5
-    self.wq_DxHxK = _param(rngs, std, (D, H, K), (FSDP, None, None))
-    self.wkv_2xDxGxK = _param(rngs, std, (2, D, G, K), (None, FSDP, None, None))
+    self.wq_DxHxK = ops.param(rngs, std, (D, H, K), (FSDP, None, None))
+    self.wkv_2xDxGxK = ops.param(rngs, std, (2, D, G, K), (None, FSDP, None, None))
     out_std = 0.0 if cfg.zero_init else std / (2 * cfg.N) ** 0.5  # for the depth of the sum
-    self.wo_HxKxD = _param(rngs, out_std, (H, K, D), (None, None, FSDP))
-    self.bq_HxK = _bias((H, K), cfg.bias != 'none')
-    self.bkv_2xGxK = _bias((2, G, K), cfg.bias != 'none')
-    self.bo_D = _bias((D,), cfg.bias == 'all')
+    self.wo_HxKxD = ops.param(rngs, out_std, (H, K, D), (None, None, FSDP))
+    self.bq_HxK = ops.bias((H, K), cfg.bias != 'none')
+    self.bkv_2xGxK = ops.bias((2, G, K), cfg.bias != 'none')
+    self.bo_D = ops.bias((D,), cfg.bias == 'all')
     if cfg.qk_norm:
       self.q_norm = _norm(cfg, K, rngs)
       self.k_norm = _norm(cfg, K, rngs)
@@ -112,12 +103,16 @@ class Attention(nnx.Module):
     self, x_BxLxD: jax.Array, pos_BxL: jax.Array, visible_BxLxM: jax.Array, cache: LayerCache | None
   ) -> tuple[jax.Array, LayerCache | None]:
     """Attends to the visible tokens; a cache (decoding) first takes the new keys and values."""
-    q_BxLxHxK = _add(einsum_BL('BLD,DHK->BLHK', x_BxLxD, self.wq_DxHxK), self.bq_HxK)
+    q_BxLxHxK = ops.add_bias(einsum_BL('BLD,DHK->BLHK', x_BxLxD, self.wq_DxHxK), self.bq_HxK)
     k_BxLxGxK, v_BxLxGxK = einsum_BL('BLD,SDGK->SBLGK', x_BxLxD, self.wkv_2xDxGxK)
-    k_BxLxGxK, v_BxLxGxK = _add(k_BxLxGxK, self.bkv_2xGxK, 0), _add(v_BxLxGxK, self.bkv_2xGxK, 1)
+    k_BxLxGxK, v_BxLxGxK = (
+      ops.add_bias(k_BxLxGxK, self.bkv_2xGxK, 0),
+      ops.add_bias(v_BxLxGxK, self.bkv_2xGxK, 1),
+    )
     if self.cfg.qk_norm:
-      q_BxLxHxK = self.q_norm(q_BxLxHxK)
-      k_BxLxGxK = self.k_norm(k_BxLxGxK)
+      q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
+    if (attention := scales(self.cfg).attention) != 1.0:  # µP's 1/K instead of 1/√K
+      q_BxLxHxK = q_BxLxHxK * attention
     if self.cfg.positions == 'rope':
       q_BxLxHxK = rope(q_BxLxHxK, pos_BxL, self.cfg.rope_base, self.cfg.rope_scaling)
       k_BxLxGxK = rope(k_BxLxGxK, pos_BxL, self.cfg.rope_base, self.cfg.rope_scaling)
@@ -126,7 +121,7 @@ class Attention(nnx.Module):
     if self.sow_max_logit:
       self.sow(nnx.Intermediate, 'max_logit', max_logit(q_BxLxHxK, k_BxMxGxK, visible_BxLxM))
     out_BxLxHxK = attend(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_BxLxM, self.cfg.attention)
-    return _add(einsum_BL('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD), self.bo_D), cache
+    return ops.add_bias(einsum_BL('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD), self.bo_D), cache
 
 
 class Mlp(nnx.Module):
@@ -137,22 +132,25 @@ class Mlp(nnx.Module):
     D, F = cfg.D, cfg.F
     out_std = 0.0 if cfg.zero_init else F**-0.5 / (2 * cfg.N) ** 0.5
     if cfg.mlp == 'swiglu':
-      self.wi_2xDxF = _param(rngs, D**-0.5, (2, D, F), (None, FSDP, None))
+      self.wi_2xDxF = ops.param(rngs, D**-0.5, (2, D, F), (None, FSDP, None))
     else:
-      self.wi_DxF = _param(rngs, D**-0.5, (D, F), (FSDP, None))
-    self.wo_FxD = _param(rngs, out_std, (F, D), (FSDP, None))
-    self.bi_SxF = _bias((2 if cfg.mlp == 'swiglu' else 1, F), cfg.bias == 'all')
-    self.bo_D = _bias((D,), cfg.bias == 'all')
+      self.wi_DxF = ops.param(rngs, D**-0.5, (D, F), (FSDP, None))
+    self.wo_FxD = ops.param(rngs, out_std, (F, D), (FSDP, None))
+    self.bi_SxF = ops.bias((2 if cfg.mlp == 'swiglu' else 1, F), cfg.bias == 'all')
+    self.bo_D = ops.bias((D,), cfg.bias == 'all')
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     if self.cfg.mlp == 'swiglu':
       gate_BxLxF, up_BxLxF = einsum_BL('BLD,SDF->SBLF', x_BxLxD, self.wi_2xDxF)
-      gate_BxLxF, up_BxLxF = _add(gate_BxLxF, self.bi_SxF, 0), _add(up_BxLxF, self.bi_SxF, 1)
+      gate_BxLxF, up_BxLxF = (
+        ops.add_bias(gate_BxLxF, self.bi_SxF, 0),
+        ops.add_bias(up_BxLxF, self.bi_SxF, 1),
+      )
       h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
       act = jax.nn.gelu if self.cfg.mlp == 'gelu' else lambda a: jnp.square(jax.nn.relu(a))
-      h_BxLxF = act(_add(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF), self.bi_SxF, 0))
-    return _add(einsum_BL('BLF,FD->BLD', h_BxLxF, self.wo_FxD), self.bo_D)
+      h_BxLxF = act(ops.add_bias(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF), self.bi_SxF, 0))
+    return ops.add_bias(einsum_BL('BLF,FD->BLD', h_BxLxF, self.wo_FxD), self.bo_D)
 
 
 class Block(nnx.Module):
@@ -177,11 +175,12 @@ class TransformerDecoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_VxD = _param(rngs, cfg.D**-0.5, (cfg.V, cfg.D), (None, FSDP))
+    std = cfg.D**-0.5 * scales(cfg).embedding_init
+    self.embed_VxD = ops.param(rngs, std, (cfg.V, cfg.D), (None, FSDP))
     if cfg.positions == 'learned':
-      self.pos_LxD = _param(rngs, 0.02, (cfg.L, cfg.D), (None, FSDP))
+      self.pos_LxD = ops.param(rngs, 0.02, (cfg.L, cfg.D), (None, FSDP))
     if not cfg.tied:
-      self.head_DxV = _param(rngs, cfg.D**-0.5, (cfg.D, cfg.V), (FSDP, None))
+      self.head_DxV = ops.param(rngs, std, (cfg.D, cfg.V), (FSDP, None))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.N)])
     self.ln_f = _norm(cfg, cfg.D, rngs)
 
@@ -229,7 +228,8 @@ class TransformerDecoder(nnx.Module):
   def head(self) -> tuple[Head, jax.Array]:
     """The logits function and its output projection (the input embedding when tied)."""
     out_VxD = self.embed_VxD[...] if self.cfg.tied else self.head_DxV[...].T
-    return functools.partial(logits, softcap=self.cfg.logit_softcap), out_VxD
+    options = {'softcap': self.cfg.logit_softcap, 'multiplier': scales(self.cfg).output}
+    return functools.partial(logits, **options), out_VxD
 
   def project(self, h_BxLxD: jax.Array) -> jax.Array:
     """Float32 logits of the hidden states."""

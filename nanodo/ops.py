@@ -1,13 +1,32 @@
-"""The model's stateless math: flattened einsums, rotary positions, attention, the logits.
+"""The model's math: its weights, flattened einsums, rotary positions, attention, the logits, and
+how a parameterization scales them with the width.
 
 Dimensions are named by the key at the top of model.py.
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], spec: tuple) -> nnx.Param:
+  """A normal-initialised weight with its partition spec (applied by the caller's jit)."""
+  value = nnx.initializers.normal(stddev=std)(rngs.params(), shape)
+  return nnx.Param(value, out_sharding=spec, eager_sharding=False)
+
+
+def bias(shape: tuple[int, ...], on: bool) -> nnx.Param | None:
+  """A zero-initialised bias, replicated; None when off."""
+  spec = (None,) * len(shape)
+  return nnx.Param(jnp.zeros(shape), out_sharding=spec, eager_sharding=False) if on else None
+
+
+def add_bias(x: jax.Array, b: nnx.Param | None, index: int | None = None) -> jax.Array:
+  """x plus the bias b (or its row index), if there is one."""
+  return x if b is None else x + (b[...] if index is None else b[index]).astype(x.dtype)
 
 
 def einsum_BL(spec: str, x_BxLx: jax.Array, w: nnx.Param | jax.Array) -> jax.Array:
@@ -20,10 +39,40 @@ def einsum_BL(spec: str, x_BxLx: jax.Array, w: nnx.Param | jax.Array) -> jax.Arr
   return y.reshape(*y.shape[:t], B, L, *y.shape[t + 1 :])
 
 
-def logits(h_TxD: jax.Array, out_VxD: jax.Array, softcap: float) -> jax.Array:
-  """Float32 logits of hidden states (the loss needs the precision), as c·tanh(logits / c) if c."""
+def logits(
+  h_TxD: jax.Array, out_VxD: jax.Array, softcap: float, multiplier: float = 1.0
+) -> jax.Array:
+  """Float32 logits of hidden states (the loss needs the precision), times the output
+  multiplier, as c·tanh(logits / c) if c."""
   logits_TxV = jnp.einsum('...D,VD->...V', h_TxD.astype(jnp.float32), out_VxD)
+  if multiplier != 1.0:
+    logits_TxV = logits_TxV * multiplier
   return softcap * jnp.tanh(logits_TxV / softcap) if softcap else logits_TxV
+
+
+PARAMETERIZATIONS = ('sp', 'mup')
+
+
+class WidthScales(NamedTuple):
+  """A parameterization's factors at width D, relative to sp at the base width (all 1 there)."""
+
+  embedding_init: float  # on the input embedding's (and an untied head's) initial std
+  hidden_lr: float  # on the learning rate of the blocks' matrices
+  output: float  # the logits' output multiplier
+  attention: float  # on the attention logits' 1/√K
+
+
+def width_scales(parameterization: str, base_width: int, D: int, K: int) -> WidthScales:
+  """sp: today's model, whatever the width. mup (µP for Adam, Tensor Programs V): at m = D /
+  base_width, the embedding's initial std is that of the base width (√m times sp's D^-1/2),
+  the blocks' matrices learn at 1/m of the learning rate, the logits are divided by m and, when
+  the head dimension grows with D (model.K 0), the attention logits scale as 1/K instead of 1/√K
+  (√K0 / K, K0 the base width's head dimension)."""
+  if parameterization == 'sp':
+    return WidthScales(1.0, 1.0, 1.0, 1.0)
+  m = D / base_width
+  grows = not K  # K = D // H
+  return WidthScales(m**0.5, 1 / m, 1 / m, m**-0.5 if grows else 1.0)
 
 
 def llama3_scaling(spec: str) -> tuple[float, float, float, float] | None:

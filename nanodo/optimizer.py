@@ -71,6 +71,17 @@ def scale_by_path(spec: str) -> optax.GradientTransformation:
   return optax.stateless(lambda updates, params=None: scale(updates))
 
 
+def scale_hidden(factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the blocks' matrices (not their vectors) by factor."""
+  hidden = lambda path, p: path_str(path).startswith('blocks/') and not _vector(path, p)
+  scale = lambda path, u: u * factor if hidden(path, u) else u
+  if factor == 1.0:
+    return optax.identity()
+  return optax.stateless(
+    lambda updates, params=None: jax.tree_util.tree_map_with_path(scale, updates)
+  )
+
+
 def muon_dims(params: PyTree) -> PyTree:
   """How Muon sees each block weight as a matrix, read from its shape-suffixed name; None: AdamW.
 
@@ -93,9 +104,10 @@ def muon_dims(params: PyTree) -> PyTree:
 
 
 def get_optimizer(
-  o: ml_collections.ConfigDict, schedule: optax.Schedule
+  o: ml_collections.ConfigDict, schedule: optax.Schedule, hidden_lr: float = 1.0
 ) -> optax.GradientTransformation:
-  """The optimizer named by opt.optimizer at the learning rates of schedule, behind clipping."""
+  """The optimizer named by opt.optimizer at the learning rates of schedule, behind clipping;
+  the blocks' matrices at hidden_lr times them (a parameterization's factor, model.scales)."""
   mask = lambda params: decay_mask(params, o.weight_decay_exclude)
   if o.optimizer == 'adamw':
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
@@ -123,4 +135,4 @@ def get_optimizer(
   clip = optax.identity()
   if o.clip_by_global_norm:
     clip = optax.clip_by_global_norm(o.clip_by_global_norm)
-  return optax.chain(clip, tx, scale_by_path(o.lr_multipliers))
+  return optax.chain(clip, tx, scale_by_path(o.lr_multipliers), scale_hidden(hidden_lr))

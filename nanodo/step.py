@@ -184,7 +184,7 @@ def build_steps(
   back replicated, so that every process can read them.
   """
   schedule = optimizer.get_schedule(o)
-  tx = optimizer.get_optimizer(o, schedule)
+  tx = optimizer.get_optimizer(o, schedule, model.scales(cfg).hidden_lr)
   graphdef, _ = model.abstract(cfg)
 
   def init() -> PyTree:
@@ -215,10 +215,14 @@ def jit_train_step(
 
 
 def rescheduled(
-  steps: Steps, o: ml_collections.ConfigDict, opts: StepConfig, mesh: jax.sharding.Mesh
+  steps: Steps,
+  cfg: model.ModelConfig,
+  o: ml_collections.ConfigDict,
+  opts: StepConfig,
+  mesh: jax.sharding.Mesh,
 ) -> Steps:
   """steps with a train step for the schedule of o (a budget's step count); the state as it is."""
   schedule = optimizer.get_schedule(o)
-  tx = optimizer.get_optimizer(o, schedule)
+  tx = optimizer.get_optimizer(o, schedule, model.scales(cfg).hidden_lr)
   train = jit_train_step(steps.graphdef, steps.shardings, mesh, tx, schedule, opts)
   return steps._replace(train_step=train)

@@ -72,7 +72,7 @@ def _run(c: ConfigDict, group: list[sweep.Variant] | None = None) -> dict:
         every = c.eval_every_steps
         timed = (steps, state, inputs.batches, inputs.eval_data, inputs.batch_sharding)
         c.opt.num_train_steps = budget.apply(c.workdir, c.train_minutes, every, *timed)
-        steps = rescheduled(steps, c.opt, opts, mesh)  # the schedule over the steps bought
+        steps = rescheduled(steps, cfg, c.opt, opts, mesh)  # the schedule over the steps bought
       if jax.process_index() == 0:
         workdir.write_config(c)
         # Rows of steps after the restored one come from a run killed before its next checkpoint.

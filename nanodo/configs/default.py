@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'einsum'  # 'einsum' | 'dot_product_attention' (cuDNN on GPUs)
   c.model.zero_init = False  # attention's and the MLP's output projections start at zero
   c.model.logit_softcap = 0.0  # logits as c·tanh(logits / c); 0: uncapped
+  # How initial scales, learning rates and multipliers change with model.D: 'sp' (standard, as
+  # is) | 'mup' (µP for AdamW: equal to sp at model.D == model.base_width, see ops.width_scales).
+  c.model.parameterization = 'sp'
+  c.model.base_width = 0  # the width mup is tuned at; needed by mup
 
   # Training loss extras, off by default; logged apart from the plain cross-entropy 'loss'.
   c.label_smoothing = 0.0

@@ -117,6 +117,15 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
     yield 'model.rope_scaling', *_rope_scaling(m.rope_scaling)
   yield 'model.norm_eps', m.norm_eps > 0, 'must be > 0'
   yield 'model.logit_softcap', m.logit_softcap >= 0, 'must be >= 0 (0: uncapped)'
+  yield 'model.parameterization', *_one_of(m.parameterization, ops.PARAMETERIZATIONS)
+  yield 'model.base_width', m.base_width >= 0, 'must be a positive width (0: none; sp needs none)'
+  if m.parameterization == 'mup':
+    valid = 'mup needs the width it equals sp at, a positive integer, e.g. model.base_width=128'
+    yield 'model.base_width', m.base_width > 0, valid
+    valid = "must be 'adamw' with mup, whose rules are AdamW's (lion, adafactor, muon: none here)"
+    yield 'opt.optimizer', c.opt.optimizer == 'adamw', valid
+    valid = 'must be sp with hf_init_dir: imported weights are trained without mup'
+    yield 'model.parameterization', not c.hf_init_dir, valid
   yield 'label_smoothing', 0 <= c.label_smoothing < 1, 'must be in [0, 1)'
   yield 'z_loss', c.z_loss >= 0, 'must be >= 0'
   yield 'peak_tflops', c.peak_tflops >= 0, 'must be >= 0 (0: looked up or measured)'

@@ -60,12 +60,15 @@ def _train_one(
   graphdef: nnx.GraphDef,
   o: ml_collections.ConfigDict,
   opts: step.StepConfig,
+  hidden_lr: float,
 ) -> tuple[PyTree, step.Metrics]:
   """step.train_step of one variant at its own values; frozen when it is not finite."""
   lr_T = hp['lr']
   schedule = lambda count: lr_T[jnp.minimum(count, len(lr_T) - 1)]
   numbers = {k.split('.')[1]: v for k, v in hp.items() if k.startswith('opt.')}
-  tx = optimizer.get_optimizer(types.SimpleNamespace(**{**o.to_dict(), **numbers}), schedule)
+  tx = optimizer.get_optimizer(
+    types.SimpleNamespace(**{**o.to_dict(), **numbers}), schedule, hidden_lr
+  )
   extras = {k: hp[k] for k in LOSS_NUMBERS if k in hp}
   opts = dataclasses.replace(opts, loss=opts.loss._replace(**extras))
   trained = {k: state[k] for k in ('step', 'params', 'opt_state')}
@@ -124,7 +127,8 @@ def build_steps(
     for k, v in jax.eval_shape(init).items()
   }
   state = jax.jit(init, out_shardings=shardings)()
-  one = functools.partial(_train_one, graphdef=graphdef, o=c.opt, opts=opts)
+  hidden_lr = model.scales(cfg).hidden_lr
+  one = functools.partial(_train_one, graphdef=graphdef, o=c.opt, opts=opts, hidden_lr=hidden_lr)
 
   def train(state: PyTree, batch: step.Batch) -> tuple[PyTree, step.Metrics]:
     def variant(xs: tuple) -> tuple[PyTree, step.Metrics]:

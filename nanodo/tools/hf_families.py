@@ -16,9 +16,10 @@ FAMILIES = {
 }
 _OPTIONS = ('positions', 'norm', 'mlp', 'qk_norm')
 # Model keys every family takes: sizes, how nanodo computes rather than what, an initialisation,
-# and the soft-cap (refused unless 0).
+# the soft-cap (refused unless 0) and the parameterization (unless sp).
 _SHARED = 'V D H L N F KV K bias tied rope_base rope_scaling norm_eps dtype remat'.split()
-_SHARED += ['remat_policy', 'attention', 'zero_init', 'logit_softcap']
+_SHARED += ['remat_policy', 'attention', 'zero_init', 'logit_softcap', 'parameterization']
+_SHARED += ['base_width']
 _SUPPORTED = (
   'learned + layernorm + gelu (GPT-2), rope + rmsnorm + swiglu (Llama; Qwen2 with'
   " bias='qkv'), with qk_norm (Qwen3)"
@@ -47,6 +48,10 @@ def family(model: dict) -> str:
   if model.get('logit_softcap'):
     cap = f'model.logit_softcap={model["logit_softcap"]!r}'
     raise ValueError(f'{cap} has no Hugging Face counterpart in these families: 0 (uncapped) only.')
+  if model.get('parameterization', 'sp') != 'sp':
+    mup = f'model.parameterization={model["parameterization"]!r}'
+    why = 'its output multiplier and attention scale have no place in their config.json'
+    raise ValueError(f'{mup} has no Hugging Face counterpart in these families ({why}): sp only.')
   options = tuple(model[k] for k in _OPTIONS)
   differ = lambda f: [
     k for k, a, b in zip(_OPTIONS, options, FAMILIES[f][0], strict=True) if a != b

@@ -86,7 +86,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     D, H, G, K = cfg.D, cfg.H, cfg.KV or cfg.H, head_dim(cfg)
-    std = D**-0.5
+    std = D**-0.5 * scales(cfg).hidden.init
     self.wq_DxHxK = ops.param(rngs, std, (D, H, K), (FSDP, None, None))
     self.wkv_2xDxGxK = ops.param(rngs, std, (2, D, G, K), (None, FSDP, None, None))
     out_std = 0.0 if cfg.zero_init else std / (2 * cfg.N) ** 0.5  # for the depth of the sum
@@ -103,16 +103,16 @@ class Attention(nnx.Module):
     self, x_BxLxD: jax.Array, pos_BxL: jax.Array, visible_BxLxM: jax.Array, cache: LayerCache | None
   ) -> tuple[jax.Array, LayerCache | None]:
     """Attends to the visible tokens; a cache (decoding) first takes the new keys and values."""
-    q_BxLxHxK = ops.add_bias(einsum_BL('BLD,DHK->BLHK', x_BxLxD, self.wq_DxHxK), self.bq_HxK)
-    k_BxLxGxK, v_BxLxGxK = einsum_BL('BLD,SDGK->SBLGK', x_BxLxD, self.wkv_2xDxGxK)
+    a = scales(self.cfg).hidden.multiplier
+    q_BxLxHxK = ops.add_bias(einsum_BL('BLD,DHK->BLHK', x_BxLxD, self.wq_DxHxK, a), self.bq_HxK)
+    k_BxLxGxK, v_BxLxGxK = einsum_BL('BLD,SDGK->SBLGK', x_BxLxD, self.wkv_2xDxGxK, a)
     k_BxLxGxK, v_BxLxGxK = (
       ops.add_bias(k_BxLxGxK, self.bkv_2xGxK, 0),
       ops.add_bias(v_BxLxGxK, self.bkv_2xGxK, 1),
     )
     if self.cfg.qk_norm:
       q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
-    if (attention := scales(self.cfg).attention) != 1.0:  # µP's 1/K instead of 1/√K
-      q_BxLxHxK = q_BxLxHxK * attention
+    q_BxLxHxK = ops.scaled(q_BxLxHxK, scales(self.cfg).attention)  # mup, mfp: 1/K
     if self.cfg.positions == 'rope':
       q_BxLxHxK = rope(q_BxLxHxK, pos_BxL, self.cfg.rope_base, self.cfg.rope_scaling)
       k_BxLxGxK = rope(k_BxLxGxK, pos_BxL, self.cfg.rope_base, self.cfg.rope_scaling)
@@ -121,7 +121,8 @@ class Attention(nnx.Module):
     if self.sow_max_logit:
       self.sow(nnx.Intermediate, 'max_logit', max_logit(q_BxLxHxK, k_BxMxGxK, visible_BxLxM))
     out_BxLxHxK = attend(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_BxLxM, self.cfg.attention)
-    return ops.add_bias(einsum_BL('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD), self.bo_D), cache
+    out_BxLxD = einsum_BL('BLHK,HKD->BLD', out_BxLxHxK, self.wo_HxKxD, a)
+    return ops.add_bias(out_BxLxD, self.bo_D), cache
 
 
 class Mlp(nnx.Module):
@@ -129,28 +130,29 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    D, F = cfg.D, cfg.F
-    out_std = 0.0 if cfg.zero_init else F**-0.5 / (2 * cfg.N) ** 0.5
+    D, F, init = cfg.D, cfg.F, scales(cfg).hidden.init
+    out_std = 0.0 if cfg.zero_init else F**-0.5 * init / (2 * cfg.N) ** 0.5
     if cfg.mlp == 'swiglu':
-      self.wi_2xDxF = ops.param(rngs, D**-0.5, (2, D, F), (None, FSDP, None))
+      self.wi_2xDxF = ops.param(rngs, D**-0.5 * init, (2, D, F), (None, FSDP, None))
     else:
-      self.wi_DxF = ops.param(rngs, D**-0.5, (D, F), (FSDP, None))
+      self.wi_DxF = ops.param(rngs, D**-0.5 * init, (D, F), (FSDP, None))
     self.wo_FxD = ops.param(rngs, out_std, (F, D), (FSDP, None))
     self.bi_SxF = ops.bias((2 if cfg.mlp == 'swiglu' else 1, F), cfg.bias == 'all')
     self.bo_D = ops.bias((D,), cfg.bias == 'all')
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    a = scales(self.cfg).hidden.multiplier
     if self.cfg.mlp == 'swiglu':
-      gate_BxLxF, up_BxLxF = einsum_BL('BLD,SDF->SBLF', x_BxLxD, self.wi_2xDxF)
+      gate_BxLxF, up_BxLxF = einsum_BL('BLD,SDF->SBLF', x_BxLxD, self.wi_2xDxF, a)
       gate_BxLxF, up_BxLxF = (
         ops.add_bias(gate_BxLxF, self.bi_SxF, 0),
         ops.add_bias(up_BxLxF, self.bi_SxF, 1),
       )
       h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
-      act = jax.nn.gelu if self.cfg.mlp == 'gelu' else lambda a: jnp.square(jax.nn.relu(a))
-      h_BxLxF = act(ops.add_bias(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF), self.bi_SxF, 0))
-    return ops.add_bias(einsum_BL('BLF,FD->BLD', h_BxLxF, self.wo_FxD), self.bo_D)
+      act = jax.nn.gelu if self.cfg.mlp == 'gelu' else lambda z: jnp.square(jax.nn.relu(z))
+      h_BxLxF = act(ops.add_bias(einsum_BL('BLD,DF->BLF', x_BxLxD, self.wi_DxF, a), self.bi_SxF, 0))
+    return ops.add_bias(einsum_BL('BLF,FD->BLD', h_BxLxF, self.wo_FxD, a), self.bo_D)
 
 
 class Block(nnx.Module):
@@ -174,13 +176,12 @@ class TransformerDecoder(nnx.Module):
   """Token (and learned position) embedding, N blocks, output projection (tied by default)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    std = cfg.D**-0.5 * scales(cfg).embedding_init
-    self.embed_VxD = ops.param(rngs, std, (cfg.V, cfg.D), (None, FSDP))
+    self.cfg, s = cfg, scales(cfg)
+    self.embed_VxD = ops.param(rngs, cfg.D**-0.5 * s.embedding.init, (cfg.V, cfg.D), (None, FSDP))
     if cfg.positions == 'learned':
       self.pos_LxD = ops.param(rngs, 0.02, (cfg.L, cfg.D), (None, FSDP))
     if not cfg.tied:
-      self.head_DxV = ops.param(rngs, std, (cfg.D, cfg.V), (FSDP, None))
+      self.head_DxV = ops.param(rngs, cfg.D**-0.5 * s.readout.init, (cfg.D, cfg.V), (FSDP, None))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.N)])
     self.ln_f = _norm(cfg, cfg.D, rngs)
 
@@ -228,7 +229,7 @@ class TransformerDecoder(nnx.Module):
   def head(self) -> tuple[Head, jax.Array]:
     """The logits function and its output projection (the input embedding when tied)."""
     out_VxD = self.embed_VxD[...] if self.cfg.tied else self.head_DxV[...].T
-    options = {'softcap': self.cfg.logit_softcap, 'multiplier': scales(self.cfg).output}
+    options = {'softcap': self.cfg.logit_softcap, 'multiplier': scales(self.cfg).readout.multiplier}
     return functools.partial(logits, **options), out_VxD
 
   def project(self, h_BxLxD: jax.Array) -> jax.Array:
@@ -237,7 +238,7 @@ class TransformerDecoder(nnx.Module):
     return head(h_BxLxD, out_VxD)
 
   def _embed(self, x_BxL: jax.Array, pos_BxL: jax.Array) -> jax.Array:
-    x_BxLxD = self.embed_VxD[...][x_BxL]
+    x_BxLxD = ops.scaled(self.embed_VxD[...][x_BxL], scales(self.cfg).embedding.multiplier)
     if self.cfg.positions == 'learned':
       x_BxLxD += self.pos_LxD[...][pos_BxL]
     return x_BxLxD.astype(jnp.dtype(self.cfg.dtype))

@@ -29,14 +29,22 @@ def add_bias(x: jax.Array, b: nnx.Param | None, index: int | None = None) -> jax
   return x if b is None else x + (b[...] if index is None else b[index]).astype(x.dtype)
 
 
-def einsum_BL(spec: str, x_BxLx: jax.Array, w: nnx.Param | jax.Array) -> jax.Array:
-  """jnp.einsum(spec) of activations and a weight (cast to their dtype), B and L as one axis."""
+def scaled(x: jax.Array, factor: float) -> jax.Array:
+  """x times factor; x itself when it is 1, so that sp computes exactly what it did."""
+  return x if factor == 1.0 else x * factor
+
+
+def einsum_BL(
+  spec: str, x_BxLx: jax.Array, w: nnx.Param | jax.Array, multiplier: float = 1.0
+) -> jax.Array:
+  """jnp.einsum(spec) of activations and a weight (cast to their dtype), B and L as one axis,
+  times the weight's output multiplier."""
   # One flattened axis makes a 2-D matmul, whose weight gradient is far faster on CPU.
   B, L = x_BxLx.shape[:2]
   w = w[...].astype(x_BxLx.dtype)
   y = jnp.einsum(spec.replace('BL', 'T'), x_BxLx.reshape(B * L, *x_BxLx.shape[2:]), w)
   t = spec.split('->')[1].index('BL')
-  return y.reshape(*y.shape[:t], B, L, *y.shape[t + 1 :])
+  return scaled(y.reshape(*y.shape[:t], B, L, *y.shape[t + 1 :]), multiplier)
 
 
 def logits(
@@ -44,35 +52,82 @@ def logits(
 ) -> jax.Array:
   """Float32 logits of hidden states (the loss needs the precision), times the output
   multiplier, as c·tanh(logits / c) if c."""
-  logits_TxV = jnp.einsum('...D,VD->...V', h_TxD.astype(jnp.float32), out_VxD)
-  if multiplier != 1.0:
-    logits_TxV = logits_TxV * multiplier
+  logits_TxV = scaled(jnp.einsum('...D,VD->...V', h_TxD.astype(jnp.float32), out_VxD), multiplier)
   return softcap * jnp.tanh(logits_TxV / softcap) if softcap else logits_TxV
 
 
-PARAMETERIZATIONS = ('sp', 'mup')
+PARAMETERIZATIONS = ('sp', 'mup', 'ntk', 'mfp')
+
+
+class Exponents(NamedTuple):
+  """A parameterization's exponents of the width n, per layer kind: (a, b, c), where the layer's
+  output is multiplied by n^-a, its weights start at a std of n^-b and learn at n^-c times the
+  learning rate (Everett et al. 2024, "Scaling Exponents Across Parameterizations and
+  Optimizers"); the attention logits are divided by K^attention."""
+
+  embedding: tuple[float, float, float]  # the input embedding (and the head, when tied)
+  hidden: tuple[float, float, float]  # the blocks' matrices
+  readout: tuple[float, float, float]  # the head
+  attention: float  # 1/2: q·k/√K; 1: q·k/K
+
+
+# The paper's Table 1, Adam (full alignment). Adam's updates do not change under (a, b, c) ->
+# (a + t, b - t, c - t) (but through epsilon), and each row is moved so that the embedding and the
+# readout start at b = 0: one tied matrix can then be both. The paper's mup embedding (-1/2, 1/2,
+# 1/2) and readout (1/2, 1/2, 1/2) move by t = 1/2; its ntk and mfp rows need no move. ntk's
+# readout learns at another rate than its embedding: it needs an untied head. Attention is 1/K
+# in the feature-learning pair (mup, mfp: µP's rule for a K that grows with D), 1/√K for ntk.
+EXPONENTS = {
+  'mup': Exponents((0, 0, 0), (0, 0.5, 1), (1, 0, 0), 1),
+  'ntk': Exponents((0, 0, 0), (0.5, 0, 0.5), (0.5, 0, 0.5), 0.5),
+  'mfp': Exponents((0, 0, 0), (0.5, 0, 0.5), (1, 0, 0), 1),
+}
+
+
+class LayerScales(NamedTuple):
+  """One layer kind's factors at m = D / base_width, relative to sp's (1 at the base width)."""
+
+  multiplier: float  # on its output: m^-a
+  init: float  # on its initial std, sp's D^-1/2 (b = 1/2): m^(1/2 - b)
+  lr: float  # on its learning rate: m^-c
+  eps: float  # on Adam's epsilon: m^-g, where its gradient scales as n^-g
 
 
 class WidthScales(NamedTuple):
-  """A parameterization's factors at width D, relative to sp at the base width (all 1 there)."""
+  """A parameterization's factors at width D; sp's are all 1."""
 
-  embedding_init: float  # on the input embedding's (and an untied head's) initial std
-  hidden_lr: float  # on the learning rate of the blocks' matrices
-  output: float  # the logits' output multiplier
+  embedding: LayerScales
+  hidden: LayerScales
+  readout: LayerScales
+  other_eps: float  # on Adam's epsilon of the rest: norms' scales, biases, learned positions
   attention: float  # on the attention logits' 1/√K
 
 
+_ONES = LayerScales(1.0, 1.0, 1.0, 1.0)
+SP = WidthScales(_ONES, _ONES, _ONES, 1.0, 1.0)
+
+
 def width_scales(parameterization: str, base_width: int, D: int, K: int) -> WidthScales:
-  """sp: today's model, whatever the width. mup (µP for Adam, Tensor Programs V): at m = D /
-  base_width, the embedding's initial std is that of the base width (√m times sp's D^-1/2),
-  the blocks' matrices learn at 1/m of the learning rate, the logits are divided by m and, when
-  the head dimension grows with D (model.K 0), the attention logits scale as 1/K instead of 1/√K
-  (√K0 / K, K0 the base width's head dimension)."""
+  """The factors of EXPONENTS[parameterization] at m = D / base_width; sp: all 1, at any width.
+
+  Adam divides a gradient by its own scale but for epsilon, which must then scale as the
+  gradient does (the paper's per-layer epsilon): the gradient flowing into the hidden states
+  scales as n^-r, r = a + b of the readout, so a layer that multiplies by n^-a gets n^-(a + r),
+  the readout n^-a, the rest n^-r. The attention factor applies where the head dimension grows
+  with D (model.K 0): K^(1/2 - attention) relative to the base width's K.
+  """
   if parameterization == 'sp':
-    return WidthScales(1.0, 1.0, 1.0, 1.0)
-  m = D / base_width
-  grows = not K  # K = D // H
-  return WidthScales(m**0.5, 1 / m, 1 / m, m**-0.5 if grows else 1.0)
+    return SP
+  m, (embedding, hidden, readout, attention) = D / base_width, EXPONENTS[parameterization]
+  r = readout[0] + readout[1]
+  layer = lambda a, b, c, g: LayerScales(m**-a, m ** (0.5 - b), m**-c, m**-g)
+  return WidthScales(
+    layer(*embedding, embedding[0] + r),
+    layer(*hidden, hidden[0] + r),
+    layer(*readout, readout[0]),
+    m**-r,
+    1.0 if K else m ** (0.5 - attention),
+  )
 
 
 def llama3_scaling(spec: str) -> tuple[float, float, float, float] | None:

@@ -9,9 +9,12 @@ import jax
 import ml_collections
 import optax
 
+from nanodo import ops
 from nanodo.ground.tree import PyTree, path_str
 
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
+# The layer kinds of a parameterization (ops.WidthScales); the other parameters are None's.
+KINDS = ('embedding', 'hidden', 'readout')
 SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant', 'wsd')
 
 
@@ -71,12 +74,20 @@ def scale_by_path(spec: str) -> optax.GradientTransformation:
   return optax.stateless(lambda updates, params=None: scale(updates))
 
 
-def scale_hidden(factor: float) -> optax.GradientTransformation:
-  """Multiplies the updates of the blocks' matrices (not their vectors) by factor."""
-  hidden = lambda path, p: path_str(path).startswith('blocks/') and not _vector(path, p)
-  scale = lambda path, u: u * factor if hidden(path, u) else u
-  if factor == 1.0:
+def layer_kind(path: tuple, p: jax.Array) -> str | None:
+  """The parameter's kind in KINDS: embed_VxD (the head too, when tied), the blocks' matrices
+  and head_DxV; None for the norms' scales, the biases and learned positions."""
+  name = path_str(path)
+  if name.startswith('blocks/'):
+    return None if _vector(path, p) else 'hidden'
+  return {'embed_VxD': 'embedding', 'head_DxV': 'readout'}.get(name)
+
+
+def scale_by_kind(factors: dict[str | None, float]) -> optax.GradientTransformation:
+  """Multiplies each update by the factor of its parameter's kind; the identity if all are 1."""
+  if all(f == 1.0 for f in factors.values()):
     return optax.identity()
+  scale = lambda path, u: ops.scaled(u, factors[layer_kind(path, u)])
   return optax.stateless(
     lambda updates, params=None: jax.tree_util.tree_map_with_path(scale, updates)
   )
@@ -104,13 +115,19 @@ def muon_dims(params: PyTree) -> PyTree:
 
 
 def get_optimizer(
-  o: ml_collections.ConfigDict, schedule: optax.Schedule, hidden_lr: float = 1.0
+  o: ml_collections.ConfigDict, schedule: optax.Schedule, scales: ops.WidthScales = ops.SP
 ) -> optax.GradientTransformation:
   """The optimizer named by opt.optimizer at the learning rates of schedule, behind clipping;
-  the blocks' matrices at hidden_lr times them (a parameterization's factor, model.scales)."""
+  each kind of layer at its parameterization's learning rate and epsilon (model.scales)."""
   mask = lambda params: decay_mask(params, o.weight_decay_exclude)
+  of_kinds = lambda field: {k: getattr(getattr(scales, k), field) for k in KINDS}
   if o.optimizer == 'adamw':
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+    # Each kind's epsilon, eps times its factor f: Adam is blind to its gradient's scale but for
+    # epsilon, so a gradient divided by f gives the update of epsilon times f.
+    eps = {None: scales.other_eps, **of_kinds('eps')}
+    if any(f != 1.0 for f in eps.values()):
+      tx = optax.chain(scale_by_kind({k: 1 / f for k, f in eps.items()}), tx)
   elif o.optimizer == 'lion':
     tx = optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
   elif o.optimizer == 'adafactor':
@@ -135,4 +152,5 @@ def get_optimizer(
   clip = optax.identity()
   if o.clip_by_global_norm:
     clip = optax.clip_by_global_norm(o.clip_by_global_norm)
-  return optax.chain(clip, tx, scale_by_path(o.lr_multipliers), scale_hidden(hidden_lr))
+  lr = scale_by_kind({None: 1.0, **of_kinds('lr')})
+  return optax.chain(clip, tx, scale_by_path(o.lr_multipliers), lr)

@@ -184,7 +184,7 @@ def build_steps(
   back replicated, so that every process can read them.
   """
   schedule = optimizer.get_schedule(o)
-  tx = optimizer.get_optimizer(o, schedule, model.scales(cfg).hidden_lr)
+  tx = optimizer.get_optimizer(o, schedule, model.scales(cfg))
   graphdef, _ = model.abstract(cfg)
 
   def init() -> PyTree:
@@ -223,6 +223,6 @@ def rescheduled(
 ) -> Steps:
   """steps with a train step for the schedule of o (a budget's step count); the state as it is."""
   schedule = optimizer.get_schedule(o)
-  tx = optimizer.get_optimizer(o, schedule, model.scales(cfg).hidden_lr)
+  tx = optimizer.get_optimizer(o, schedule, model.scales(cfg))
   train = jit_train_step(steps.graphdef, steps.shardings, mesh, tx, schedule, opts)
   return steps._replace(train_step=train)

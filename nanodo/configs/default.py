@@ -69,10 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'einsum'  # 'einsum' | 'dot_product_attention' (cuDNN on GPUs)
   c.model.zero_init = False  # attention's and the MLP's output projections start at zero
   c.model.logit_softcap = 0.0  # logits as c·tanh(logits / c); 0: uncapped
-  # How initial scales, learning rates and multipliers change with model.D: 'sp' (standard, as
-  # is) | 'mup' (µP for AdamW: equal to sp at model.D == model.base_width, see ops.width_scales).
+  # How initial scales, multipliers, learning rates and Adam's epsilon change with model.D: 'sp'
+  # (standard, as is) | 'mup' | 'ntk' | 'mfp' (mean-field), Everett et al. 2024's for Adam, each
+  # equal to sp at model.D == model.base_width (ops.EXPONENTS); ntk needs model.tied=False.
   c.model.parameterization = 'sp'
-  c.model.base_width = 0  # the width mup is tuned at; needed by mup
+  c.model.base_width = 0  # the width they equal sp at; needed by all but sp
 
   # Training loss extras, off by default; logged apart from the plain cross-entropy 'loss'.
   c.label_smoothing = 0.0

@@ -119,13 +119,19 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   yield 'model.logit_softcap', m.logit_softcap >= 0, 'must be >= 0 (0: uncapped)'
   yield 'model.parameterization', *_one_of(m.parameterization, ops.PARAMETERIZATIONS)
   yield 'model.base_width', m.base_width >= 0, 'must be a positive width (0: none; sp needs none)'
-  if m.parameterization == 'mup':
-    valid = 'mup needs the width it equals sp at, a positive integer, e.g. model.base_width=128'
+  if (p := m.parameterization) != 'sp':
+    valid = f'{p} needs the width it equals sp at, a positive integer, e.g. model.base_width=128'
     yield 'model.base_width', m.base_width > 0, valid
-    valid = "must be 'adamw' with mup, whose rules are AdamW's (lion, adafactor, muon: none here)"
-    yield 'opt.optimizer', c.opt.optimizer == 'adamw', valid
-    valid = 'must be sp with hf_init_dir: imported weights are trained without mup'
+    valid = (
+      f"must be 'adamw' with {p}, whose rules are Adam's (lion, muon: none published; "
+      "adafactor's is not built here)"
+    )
+    yield 'opt.optimizer', o.optimizer == 'adamw', valid
+    valid = f'must be sp with hf_init_dir: imported weights are trained without {p}'
     yield 'model.parameterization', not c.hf_init_dir, valid
+    embedding, _, readout, _ = ops.EXPONENTS[p]
+    valid = f'must be False with {p}: its head and embedding learn at different rates'
+    yield 'model.tied', not m.tied or embedding[1:] == readout[1:], valid
   yield 'label_smoothing', 0 <= c.label_smoothing < 1, 'must be in [0, 1)'
   yield 'z_loss', c.z_loss >= 0, 'must be >= 0'
   yield 'peak_tflops', c.peak_tflops >= 0, 'must be >= 0 (0: looked up or measured)'

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanodo import model, optimizer, sharding, step
+from nanodo import model, ops, optimizer, sharding, step
 from nanodo.ground.console import log
 from nanodo.ground.tree import PyTree
 from nanodo.infra import metrics, validate
@@ -60,14 +60,14 @@ def _train_one(
   graphdef: nnx.GraphDef,
   o: ml_collections.ConfigDict,
   opts: step.StepConfig,
-  hidden_lr: float,
+  scales: ops.WidthScales,
 ) -> tuple[PyTree, step.Metrics]:
   """step.train_step of one variant at its own values; frozen when it is not finite."""
   lr_T = hp['lr']
   schedule = lambda count: lr_T[jnp.minimum(count, len(lr_T) - 1)]
   numbers = {k.split('.')[1]: v for k, v in hp.items() if k.startswith('opt.')}
   tx = optimizer.get_optimizer(
-    types.SimpleNamespace(**{**o.to_dict(), **numbers}), schedule, hidden_lr
+    types.SimpleNamespace(**{**o.to_dict(), **numbers}), schedule, scales
   )
   extras = {k: hp[k] for k in LOSS_NUMBERS if k in hp}
   opts = dataclasses.replace(opts, loss=opts.loss._replace(**extras))
@@ -105,7 +105,8 @@ def build_steps(
   The variant axis is split over the mesh's devices when they divide it, else replicated.
   Every variant trains on the same batches.
   """
-  K, tx = len(group), optimizer.get_optimizer(c.opt, optimizer.get_schedule(c.opt))
+  scales = model.scales(cfg)
+  K, tx = len(group), optimizer.get_optimizer(c.opt, optimizer.get_schedule(c.opt), scales)
   graphdef, _ = model.abstract(cfg)
   hp = hyper_parameters(c, group)
 
@@ -127,8 +128,7 @@ def build_steps(
     for k, v in jax.eval_shape(init).items()
   }
   state = jax.jit(init, out_shardings=shardings)()
-  hidden_lr = model.scales(cfg).hidden_lr
-  one = functools.partial(_train_one, graphdef=graphdef, o=c.opt, opts=opts, hidden_lr=hidden_lr)
+  one = functools.partial(_train_one, graphdef=graphdef, o=c.opt, opts=opts, scales=scales)
 
   def train(state: PyTree, batch: step.Batch) -> tuple[PyTree, step.Metrics]:
     def variant(xs: tuple) -> tuple[PyTree, step.Metrics]:

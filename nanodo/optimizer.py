@@ -6,15 +6,19 @@ Parameters are selected by their path, e.g. 'blocks/0/attn/wq_DxHxK', with regul
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 from nanodo import ops
 from nanodo.ground.tree import PyTree, path_str
 
-OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
+OPTIMIZERS = ('adamw', 'adam_atan2', 'lion', 'adafactor', 'muon')
 # The layer kinds of a parameterization (ops.WidthScales); the other parameters are None's.
 KINDS = ('embedding', 'hidden', 'readout')
+# Adam-atan2's update a·atan2(m̂, b·√v̂) with the paper's a = 1.27 and b = 1: a ≈ 4/π makes a step
+# of 1 where |m̂| = √v̂, where Adam's is 1 too.
+ATAN2_SCALE = 1.27
 SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant', 'wsd')
 
 
@@ -93,6 +97,24 @@ def scale_by_kind(factors: dict[str | None, float]) -> optax.GradientTransformat
   )
 
 
+def scale_by_adam_atan2(b1: float, b2: float) -> optax.GradientTransformation:
+  """Adam-atan2 (Everett et al. 2024): Adam's moments and bias corrections, and the update
+  ATAN2_SCALE·atan2(m̂, √v̂) instead of m̂ / (√v̂ + eps): no epsilon, and blind to the gradient's
+  scale (0 where the gradient has always been 0)."""
+
+  def update(
+    updates: PyTree, state: optax.ScaleByAdamState, params: PyTree | None = None
+  ) -> tuple[PyTree, optax.ScaleByAdamState]:
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    hat = lambda moment, b: optax.tree.bias_correction(moment, b, count)
+    step = lambda m, v: ATAN2_SCALE * jnp.arctan2(m, jnp.sqrt(v))
+    return jax.tree.map(step, hat(mu, b1), hat(nu, b2)), optax.ScaleByAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(optax.scale_by_adam(b1, b2).init, update)
+
+
 def muon_dims(params: PyTree) -> PyTree:
   """How Muon sees each block weight as a matrix, read from its shape-suffixed name; None: AdamW.
 
@@ -128,6 +150,12 @@ def get_optimizer(
     eps = {None: scales.other_eps, **of_kinds('eps')}
     if any(f != 1.0 for f in eps.values()):
       tx = optax.chain(scale_by_kind({k: 1 / f for k, f in eps.items()}), tx)
+  elif o.optimizer == 'adam_atan2':
+    tx = optax.chain(
+      scale_by_adam_atan2(o.b1, o.b2),
+      optax.add_decayed_weights(o.weight_decay, mask),
+      optax.scale_by_learning_rate(schedule),
+    )
   elif o.optimizer == 'lion':
     tx = optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
   elif o.optimizer == 'adafactor':

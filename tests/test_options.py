@@ -35,6 +35,7 @@ OPTIONS = [
   {'z_loss': 1e-3},
   {'opt.optimizer': 'lion', 'opt.peak_learning_rate': 1e-3},
   {'opt.optimizer': 'adafactor'},
+  {'opt.optimizer': 'adam_atan2'},
   {'opt.optimizer': 'muon', 'opt.peak_learning_rate': 2e-2},
   {'opt.decay_type': 'wsd'},
   {'opt.lr_multipliers': 'embed=0.5,blocks/0/=2'},
@@ -44,12 +45,7 @@ OPTIONS = [
 def _config(workdir: str, options: dict, steps: int = 12):
   c = tiny_config(workdir, checkpoint_every_steps=steps, log_every_steps=1)
   c.opt.update(num_train_steps=steps, warmup_steps=2, peak_learning_rate=1e-2)
-  for key, value in options.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(options)
   return c
 
 

@@ -33,7 +33,7 @@ def _losses(workdir: str) -> dict[int, float]:
     (
       {'model.parameterization': 'mfp', 'model.base_width': 16, 'opt.optimizer': 'lion'},
       'opt.optimizer',
-      "must be 'adamw' with mfp",
+      "must be 'adamw' or 'adam_atan2' with mfp",
     ),
     (
       {'model.parameterization': 'mup', 'model.base_width': 16, 'opt.optimizer': 'muon'},

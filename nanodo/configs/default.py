@@ -94,7 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep_vmap = 0
 
   c.opt = ml_collections.ConfigDict()
-  c.opt.optimizer = 'adamw'  # 'adamw' | 'lion' | 'adafactor' | 'muon' (+ AdamW off matrices)
+  # 'adamw' | 'adam_atan2' (Adam with atan2 for the division, no eps) | 'lion' | 'adafactor' |
+  # 'muon' (+ AdamW off matrices)
+  c.opt.optimizer = 'adamw'
   c.opt.num_train_steps = 1100
   c.opt.peak_learning_rate = 5e-3
   c.opt.init_learning_rate = 0.0

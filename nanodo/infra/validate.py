@@ -123,10 +123,10 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
     valid = f'{p} needs the width it equals sp at, a positive integer, e.g. model.base_width=128'
     yield 'model.base_width', m.base_width > 0, valid
     valid = (
-      f"must be 'adamw' with {p}, whose rules are Adam's (lion, muon: none published; "
-      "adafactor's is not built here)"
+      f"must be 'adamw' or 'adam_atan2' with {p}, whose rules are Adam's (lion, muon: none "
+      "published; adafactor's is not built here)"
     )
-    yield 'opt.optimizer', o.optimizer == 'adamw', valid
+    yield 'opt.optimizer', o.optimizer in ('adamw', 'adam_atan2'), valid
     valid = f'must be sp with hf_init_dir: imported weights are trained without {p}'
     yield 'model.parameterization', not c.hf_init_dir, valid
     embedding, _, readout, _ = ops.EXPONENTS[p]
@@ -186,6 +186,9 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
     yield 'opt.lr_multipliers', False, "give 'regex=number,...', e.g. 'embed=0.5,blocks/0/=2'"
   for key in ('b1', 'b2'):
     yield f'opt.{key}', 0 <= o[key] < 1, 'must be in [0, 1)'
+  swept = [item.partition('=')[0] for item in c.sweep.split()]
+  valid = f'opt.eps has no part in opt.optimizer={o.optimizer!r}: only adamw reads it'
+  yield 'sweep', 'opt.eps' not in swept or o.optimizer == 'adamw', valid
 
 
 def check(c: ml_collections.ConfigDict) -> None:

@@ -71,7 +71,11 @@ def _decode(model, x_BxL, pos_BxL, cache):
   return model.decode(x_BxL, pos_BxL, cache)
 
 
-@pytest.mark.parametrize('options', [{}, HUB_OPTIONS])
+# mfp at 4x its base width: the blocks' and the logits' multipliers, attention as 1/K.
+MFP = {'parameterization': 'mfp', 'base_width': 16, 'D': 64}
+
+
+@pytest.mark.parametrize('options', [{}, HUB_OPTIONS, MFP])
 def test_cached_decoding_gives_the_full_forward_logits_at_every_position(options):
   cfg, model = _model(**options)
   graphdef, params = nnx.split(model)

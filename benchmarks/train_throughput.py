@@ -1,6 +1,6 @@
 """Train-step speed against this machine's matmul ceiling, malloc settings alternated.
 
-  python benchmarks/train_throughput.py [--configs=S,default,M] [--malloc=shipped,glibc]
+  python benchmarks/train_throughput.py [--configs=T,S,default,M] [--malloc=shipped,glibc]
       [--alternations=5] [--steps=20] [--dtype=float32] [--profile] [--first-step]
 
 Prints the CPU (its model, and whether it has AVX-512) and what each malloc setting is, then
@@ -8,7 +8,8 @@ runs every malloc setting in a process of its own (malloc is set before JAX star
 another, --alternations times:
 the machine's speed drifts, so settings are only compared within one alternation. Each process
 prints the ceiling (GFLOP/s of a jitted 1024² matmul in --dtype, timed over 0.5 s) before and
-after its configs, and for each config (S and M, and the model of configs/default.py): the
+after its configs, and for each config (T, the tiny shape of benchmarks/sweep_speed.py; S; M;
+and the model of configs/default.py): the
 median ms/step, tokens/s, the fraction of the ceiling reached, the page faults per step, and the
 process's peak RSS. Then the medians over alternations, with their spread and their ratio to
 glibc's defaults.
@@ -17,7 +18,8 @@ The step is the one `nanodo` trains with (optimizer and metrics included) on ran
 Model FLOPs per step = 6·P·T + 12·N·L·D·T + 6·D·V·T (P: non-embedding parameters, T: tokens).
 Malloc settings: shipped (what `nanodo` sets: nanodo/infra/host.py), glibc (its defaults), and
 one-heap (the shipped setting before huge buffers were mapped: nothing mapped), no-mmap,
-one-arena, arenas-2 (glibc's MALLOC_ environment variables).
+one-arena, arenas-2, heap (the shipped setting with glibc's arenas; glibc's MALLOC_ environment
+variables).
 
 With --profile, each config's step is also traced with jax.profiler, and its wall time split by
 kind of compiled kernel; the line ends with the step's time over its kernels' sum. With
@@ -46,8 +48,10 @@ MALLOC = {
   'no-mmap': {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': BIG},
   'one-arena': {'MALLOC_ARENA_MAX': '1'},
   'arenas-2': {'MALLOC_ARENA_MAX': '2', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': BIG},
+  'heap': {'MALLOC_MMAP_THRESHOLD_': str(2**30), 'MALLOC_TRIM_THRESHOLD_': BIG},
 }
-STEPS = {'S': 1.0, 'default': 0.5, 'M': 0.25}  # fractions of --steps: M's steps take seconds
+# Fractions of --steps: M's steps take seconds.
+STEPS = {'T': 2.0, 'S': 1.0, 'default': 0.5, 'M': 0.25}
 
 
 def cpu() -> str:
@@ -126,6 +130,7 @@ def child(args: argparse.Namespace) -> None:
 
   C = default.get_config()
   configs = {
+    'T': (ModelConfig(V=1024, **{**C.model, 'L': 64, 'D': 64, 'H': 2, 'N': 2, 'F': 256}), 16),
     'S': (ModelConfig(V=84, **{**C.model, 'L': 64, 'D': 128, 'H': 4, 'N': 4, 'F': 512}), 12),
     'M': (ModelConfig(V=8192, **{**C.model, 'L': 256, 'D': 512, 'H': 8, 'N': 6, 'F': 2048}), 8),
     # configs/default.py's model, with the tokenizer it trains.
@@ -194,7 +199,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--configs', default='S,default,M')
+  parser.add_argument('--configs', default='T,S,default,M')
   parser.add_argument('--malloc', default='shipped,glibc', help=f'some of {list(MALLOC)}')
   parser.add_argument('--alternations', type=int, default=5)
   parser.add_argument('--profile', action='store_true', help="split each step's time by kernel")

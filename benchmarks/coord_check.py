@@ -3,11 +3,12 @@
   python benchmarks/coord_check.py [--parameterizations=sp,mup] [--widths=64,128,256,512,1024]
       [--steps=10] [--lr=1e-2] [--png=coord_check.png]
 
-Trains each parameterization a few steps at each width (2 layers of 4 heads, F = 4D, context 64,
-batch 8 of the built-in Shakespeare corpus with the shipped 1,024-piece tokenizer, AdamW at a
-constant learning rate, base width the first width) on the same batches, and prints, per layer
-kind, the rms of its output at each step and width: the attention and MLP outputs and the
-residual stream (means over the layers), and the logits. Step t is the forward pass after t - 1
+Trains each parameterization (sp, mup, ntk, mfp) a few steps at each width (2 layers of 4 heads,
+F = 4D, context 64, batch 8 of the built-in Shakespeare corpus with the shipped 1,024-piece
+tokenizer, AdamW at a constant learning rate, base width the first width; ntk with an untied
+head) on the same batches, and prints, per layer kind, the rms of its output at each step and
+width: the attention and MLP outputs and the residual stream (means over the layers), and the
+logits. Step t is the forward pass after t - 1
 updates. Ends with a line per parameterization: the largest ratio between two widths' rms of
 one kind at one step, over the steps after the first update (at initialisation mup's logits
 shrink as m^-1/2 on purpose: its output multiplier is there for the updates). Writes a PNG:
@@ -46,6 +47,7 @@ def run(parameterization: str, D: int, base: int, batches: list, args) -> np.nda
   """rms of each kind (rows) at each step (columns) of one model."""
   c = default.get_config()
   c.model.update(D=D, H=4, N=2, F=4 * D, L=64, parameterization=parameterization, base_width=base)
+  c.model.tied = parameterization != 'ntk'  # ntk's head learns at another rate than its embedding
   c.opt.update(warmup_steps=0, decay_type='constant', peak_learning_rate=args.lr, weight_decay=0)
   c.opt.clip_by_global_norm = 0.0  # a global norm grows with the width, and would couple the layers
   c.log_internal_metrics = True

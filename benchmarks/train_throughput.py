@@ -4,22 +4,20 @@
       [--alternations=5] [--steps=20] [--dtype=float32] [--profile] [--first-step]
 
 Prints the CPU (its model, and whether it has AVX-512) and what each malloc setting is, then
-runs every malloc setting in a process of its own (malloc is set before JAX starts), one after
-another, --alternations times:
-the machine's speed drifts, so settings are only compared within one alternation. Each process
-prints the ceiling (GFLOP/s of a jitted 1024² matmul in --dtype, timed over 0.5 s) before and
-after its configs, and for each config (T, the tiny shape of benchmarks/sweep_speed.py; S; M;
-and the model of configs/default.py): the
-median ms/step, tokens/s, the fraction of the ceiling reached, the page faults per step, and the
-process's peak RSS. Then the medians over alternations, with their spread and their ratio to
-glibc's defaults.
+runs every config under every malloc setting, each in a process of its own (malloc is set before
+JAX starts), one after another, --alternations times: the machine's speed drifts, so settings
+are only compared within one alternation. Each process measures the ceiling (GFLOP/s of a jitted
+1024² matmul in --dtype, timed over 0.5 s) before and after its config, and its config's median
+ms/step, tokens/s, fraction of the ceiling, page faults per step and peak RSS. Configs: T (the
+tiny shape of benchmarks/sweep_speed.py), S, M, and the model of configs/default.py. Then the
+medians over alternations, with their spread and their ratio to glibc's defaults.
 
 The step is the one `nanodo` trains with (optimizer and metrics included) on random token ids.
 Model FLOPs per step = 6·P·T + 12·N·L·D·T + 6·D·V·T (P: non-embedding parameters, T: tokens).
-Malloc settings: shipped (what `nanodo` sets: nanodo/infra/host.py), glibc (its defaults), and
-one-heap (the shipped setting before huge buffers were mapped: nothing mapped), no-mmap,
-one-arena, arenas-2, heap (the shipped setting with glibc's arenas; glibc's MALLOC_ environment
-variables).
+Malloc settings: shipped (what `nanodo` sets for the config's step: nanodo/infra/host.py),
+glibc (its defaults), and one-heap (the shipped setting before huge buffers were mapped: nothing
+mapped), no-mmap, one-arena, arenas-2, heap (mmap and trim thresholds as shipped, glibc's
+arenas) as glibc's MALLOC_ environment variables.
 
 With --profile, each config's step is also traced with jax.profiler, and its wall time split by
 kind of compiled kernel; the line ends with the step's time over its kernels' sum. With
@@ -69,7 +67,8 @@ def describe(setting: str) -> str:
 
   if setting == 'shipped':
     mapped = f'only buffers of {host.HUGE >> 20} MiB and more mapped'
-    return f'one arena, no trimming, {mapped} (nanodo/infra/host.py)'
+    arenas = f'one arena for a step of {host.ONE_ARENA_FROM >> 20} MiB of temporaries or more'
+    return f'no trimming, {mapped}, {arenas} (nanodo/infra/host.py)'
   env = ' '.join(f'{k}={v}' for k, v in MALLOC[setting].items())
   return env or "glibc's defaults"
 
@@ -119,13 +118,9 @@ def bench(cfg, batch_size: int, steps: int, with_profile: bool) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-  """One process: a malloc setting, the ceiling, each config; one JSON line."""
-  from nanodo.infra import host
-
-  if args.child == 'shipped':
-    host.reuse_freed_memory()
+  """One process: a malloc setting, the ceiling, one config; one JSON line."""
   from nanodo.configs import default
-  from nanodo.infra import peaks
+  from nanodo.infra import host, peaks
   from nanodo.model import ModelConfig
 
   C = default.get_config()
@@ -136,14 +131,18 @@ def child(args: argparse.Namespace) -> None:
     # configs/default.py's model, with the tokenizer it trains.
     'default': (ModelConfig(V=C.vocab_size, **C.model), C.batch_size),
   }
-  out = {'ceiling': [peaks.matmul_flops_per_sec(args.dtype)[0] / 1e9]}
-  for name in args.configs.split(','):
-    cfg, batch_size = configs[name]
-    cfg = ModelConfig(**{**cfg.__dict__, 'dtype': args.dtype})
-    steps = max(3, round(args.steps * STEPS[name]))
-    out[name] = bench(cfg, batch_size, steps, args.profile)
-  out['ceiling'].append(peaks.matmul_flops_per_sec(args.dtype)[0] / 1e9)
-  out['rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  cfg, batch_size = configs[args.configs]
+  if args.child == 'shipped':  # as `nanodo` sets it, by the step's temporaries, before JAX starts
+    block = C.cross_entropy_block_size
+    host.reuse_freed_memory(
+      host.step_bytes(batch_size, *(cfg.L, cfg.D, cfg.F, cfg.H), cfg.N, cfg.V, block)
+    )
+  ceiling = [peaks.matmul_flops_per_sec(args.dtype)[0] / 1e9]
+  cfg = ModelConfig(**{**cfg.__dict__, 'dtype': args.dtype})
+  steps = max(3, round(args.steps * STEPS[args.configs]))
+  out = bench(cfg, batch_size, steps, args.profile)
+  ceiling.append(peaks.matmul_flops_per_sec(args.dtype)[0] / 1e9)
+  out |= {'ceiling': ceiling, 'rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
   print(json.dumps(out), flush=True)
 
 
@@ -178,7 +177,7 @@ def _summary(runs: dict[str, list[dict]], configs: list[str], profile: bool) -> 
   for setting, rows in runs.items():
     for name in configs:
       ms = [r[name]['ms'] for r in rows]
-      fraction = statistics.median(r[name]['gflops'] / np.mean(r['ceiling']) for r in rows)
+      fraction = statistics.median(r[name]['gflops'] / np.mean(r[name]['ceiling']) for r in rows)
       faults = statistics.median(r[name]['faults_per_step'] for r in rows)
       ratio = median(setting, name) / median('glibc', name) if 'glibc' in runs else float('nan')
       spread = f'{min(ms):.1f}-{max(ms):.1f}'
@@ -213,22 +212,21 @@ def main() -> None:
   print(f'CPU: {cpu()}')
   for setting in settings:
     print(f'malloc {setting}: {describe(setting)}')
-  argv = [f'--configs={args.configs}', f'--steps={args.steps}', f'--dtype={args.dtype}']
-  argv += ['--profile'] if args.profile else []
+  argv = [f'--steps={args.steps}', f'--dtype={args.dtype}'] + (['--profile'] * args.profile)
   runs = {s: [] for s in settings}
   for i in range(args.alternations):
     for setting in settings:
-      r = _spawn(setting, argv)
+      r = {n: _spawn(setting, [f'--configs={n}', *argv]) for n in configs}  # a process each
       runs[setting].append(r)
-      ceiling = f'{r["ceiling"][0]:.1f} -> {r["ceiling"][1]:.1f} GFLOP/s'
       rates = ' | '.join(
-        f'{n} {r[n]["ms"]:.1f} ms ({r[n]["gflops"] / np.mean(r["ceiling"]):.2f})' for n in configs
+        f'{n} {r[n]["ms"]:.1f} ms ({r[n]["gflops"] / np.mean(r[n]["ceiling"]):.2f}, '
+        f'{r[n]["rss_gb"]:.2f} GB)'
+        for n in configs
       )
+      ceilings = [x for n in configs for x in r[n]['ceiling']]
+      ceiling = f'{min(ceilings):.0f}-{max(ceilings):.0f} GFLOP/s'
       when = time.strftime('%H:%M:%S')
-      print(
-        f'{when} {i + 1}/{args.alternations} {setting:9} | ceiling {ceiling} | {rates} | ', end=''
-      )
-      print(f'peak RSS {r["rss_gb"]:.2f} GB', flush=True)
+      print(f'{when} {i + 1}/{args.alternations} {setting:9} | ceiling {ceiling} | {rates}')
   _summary(runs, configs, args.profile)
   if args.first_step:
     with tempfile.TemporaryDirectory() as workdir:

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from nanodo import model, ops, optimizer, sharding, step
 from nanodo.ground.console import log
 from nanodo.ground.tree import PyTree
-from nanodo.infra import metrics, validate
+from nanodo.infra import host, metrics, validate
 from nanodo.research import sweep
 
 NOT_DIVERGED = -1
@@ -173,9 +173,10 @@ def check_memory(planned: list[tuple[ml_collections.ConfigDict, list]]) -> None:
     cfg = model.ModelConfig(V=c.vocab_size, **c.model)  # the tokenizer's size is not known yet
     params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.abstract(cfg)[1]))
     rows = c.batch_size // c.grad_accumulation_steps
-    per_token = cfg.N * (16 * cfg.D + 2 * cfg.F + 2 * cfg.H * cfg.L) + 2 * cfg.D
+    block = c.cross_entropy_block_size
+    activations = host.step_bytes(rows, cfg.L, cfg.D, cfg.F, cfg.H, cfg.N, cfg.V, block)
     K, lanes = len(group), lanes_of(c, len(group))
-    state, activations = 4 * params, 4 * rows * cfg.L * per_token  # params, grads, moments
+    state = 4 * params  # params, grads, moments
     need = K * state + lanes * activations
     if need > available:
       raise ValueError(

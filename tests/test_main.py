@@ -38,7 +38,8 @@ TINY = [
     ('--config.vocab_path=/no/such.model', "vocab_path='/no/such.model' is not a readable"),
     (
       '--config.opt.optimizer=sgdx',
-      "opt.optimizer='sgdx' is not valid: one of ('adamw', 'adam_atan2', 'lion', 'adafactor', 'muon')",
+      "opt.optimizer='sgdx' is not valid: one of ('adamw', 'adam_atan2', 'lion', 'adafactor', "
+      "'muon')",
     ),
     ('--config.opt.decay_type=cosinus', "opt.decay_type='cosinus' is not valid: one of"),
     ('--config.model.dtype=float8', "model.dtype='float8' is not valid: one of"),

@@ -9,7 +9,8 @@ rates (a factor 2 apart), each parameterization one stack: 4 layers of 4 heads, 
 with a 10% warmup and cosine decay, base width the first width. Prints the CPU, the final
 held-out loss of every variant, each parameterization's best learning rate at each width and how
 far it moved (in grid steps) across the widths, and the wall time of the whole; writes a PNG of
-held-out loss against learning rate, a panel per parameterization and a line per width.
+held-out loss against learning rate, a panel per parameterization and a line per width. With
+--workdir, a width whose sweep already wrote its report there is read rather than trained again.
 """
 
 import argparse
@@ -40,9 +41,10 @@ def sweep(workdir: str, D: int, base: int, parameterizations: list[str], lrs: li
   grid += f'opt.peak_learning_rate={",".join(f"{lr:g}" for lr in lrs)}'
   cmd = [sys.executable, MAIN, f'--config={CONFIG}', f'--config.sweep={grid}']
   cmd += [f'--config.{k}={v}' for k, v in keys.items()]
-  out = subprocess.run(cmd, capture_output=True, text=True)
-  if out.returncode:
-    sys.exit(out.stderr[-3000:])
+  if not os.path.exists(os.path.join(workdir, 'report.json')):  # a kept workdir's width is read
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+      sys.exit(out.stderr[-3000:])
   with open(os.path.join(workdir, 'report.json'), encoding='utf-8') as f:
     report = json.load(f)
   loss = {}
@@ -80,7 +82,7 @@ def main() -> None:
   parameterizations = args.parameterizations.split(',')
   widths = [int(w) for w in args.widths.split(',')]
   first, last = (int(e) for e in args.lrs.split(','))
-  lrs = [2.0**e for e in range(first, last + 1)]
+  lrs = [float(f'{2.0**e:g}') for e in range(first, last + 1)]  # as the sweep's values read
   print(f'CPU: {cpu()}')
   start, losses = time.perf_counter(), {}
   with tempfile.TemporaryDirectory() as tmp:

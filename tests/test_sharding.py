@@ -179,6 +179,7 @@ def _losses(workdir: str) -> dict[int, float]:
     return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume_as_one_process(tmp_path):
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
   single = _nanodo(one, 4, '--config.opt.num_train_steps=6')

@@ -76,6 +76,7 @@ def test_an_import_of_smollm2_has_transformers_logits_and_greedy_text(smollm2, t
   assert text == _hf_greedy(smollm2, PROMPT, 20) and text.startswith(' Paris')
 
 
+@pytest.mark.slow
 def test_smollm2_fine_tunes_on_a_play_and_exports_back_with_its_own_files(smollm2, tmp_path):
   path, out = str(tmp_path / 'run'), str(tmp_path / 'hf')
   c = _config(path, smollm2, batch_size=2, eval_at_start=True, eval_batch_size=4)

@@ -143,6 +143,7 @@ def test_a_diverging_variant_is_frozen_and_the_others_go_on(tmp_path, capsys):
   assert np.isfinite(bad['eval_loss'])  # frozen at its last finite state, which evaluates
 
 
+@pytest.mark.slow
 def test_a_stopped_sweep_resumes_with_the_same_losses(tmp_path, capsys):
   def run(workdir: str, num_steps: int) -> dict:
     c = _config(workdir, 'opt.peak_learning_rate=1e-2,3e-2 model.qk_norm=False,True')

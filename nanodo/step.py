@@ -29,6 +29,7 @@ class StepConfig:
   grad_accumulation_steps: int
   log_internal_metrics: bool  # per-layer statistics
   log_stability_metrics: bool  # largest attention logits, output logits, log-normalizer
+  ema_decay: float = 0.0  # of the weights' moving average in state['ema'] (0: none)
 
   @classmethod
   def of(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
@@ -38,7 +39,13 @@ class StepConfig:
       squares=False,
       block_size=c.cross_entropy_block_size,
     )
-    return cls(options, c.grad_accumulation_steps, c.log_internal_metrics, c.log_stability_metrics)
+    return cls(
+      options,
+      c.grad_accumulation_steps,
+      c.log_internal_metrics,
+      c.log_stability_metrics,
+      c.opt.ema_decay,
+    )
 
 
 def loss_fn(
@@ -145,7 +152,16 @@ def train_step(
     scaled = jax.tree.map(lambda u: u / (learning_rate + 1e-20), updates)
     step_metrics |= tree.stats('grads', grads) | tree.stats('params', params)
     step_metrics |= tree.stats('updates', scaled)
-  return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
+  new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+  if 'ema' in state:
+    d = opts.ema_decay
+    new['ema'] = jax.tree.map(lambda a, p: d * a + (1 - d) * p, state['ema'], params)
+  return new, step_metrics
+
+
+def evaluated(state: PyTree) -> PyTree:
+  """The weights a state is evaluated with: their moving average where it keeps one."""
+  return state['ema'] if 'ema' in state else state['params']
 
 
 def eval_step(params: PyTree, batch: Batch, *, graphdef: nnx.GraphDef, block_size: int) -> Metrics:
@@ -189,7 +205,8 @@ def build_steps(
 
   def init() -> PyTree:
     params = nnx.state(model.TransformerDecoder(cfg, nnx.Rngs(seed)))
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    return state | ({'ema': params} if opts.ema_decay else {})
 
   shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
   state = jax.jit(init, out_shardings=shardings)()

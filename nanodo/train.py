@@ -16,7 +16,7 @@ from nanodo.infra import budget, checkpoint, metrics, validate, workdir
 from nanodo.infra.signals import StopSignal
 from nanodo.model import ModelConfig
 from nanodo.research import report, stack, sweep
-from nanodo.step import StepConfig, Steps, build_steps, rescheduled
+from nanodo.step import StepConfig, Steps, build_steps, evaluated, rescheduled
 from nanodo.tools import hf_import
 
 
@@ -124,7 +124,7 @@ def _loop(
   result = {}
   try:
     if step == 0 and c.eval_at_start:  # the held-out metrics of the initial (or imported) weights
-      logger.evaluation(0, evaluate(steps.eval_step, state['params'], *held_out))
+      logger.evaluation(0, evaluate(steps.eval_step, evaluated(state), *held_out))
     while step < total and not stop.name:
       if trace and step == trace.start:
         jax.profiler.start_trace(c.workdir)
@@ -142,7 +142,7 @@ def _loop(
         logger.restart_clock()  # the next step's rate leaves the save out
       if step % c.eval_every_steps == 0 or last:
         logger.flush()
-        result = evaluate(steps.eval_step, state['params'], *held_out)
+        result = evaluate(steps.eval_step, evaluated(state), *held_out)
         logger.evaluation(step, result)
     logger.flush()
     if stop.name and step < total:
@@ -153,7 +153,7 @@ def _loop(
       log(f'Stopped by {stop.name} at step {step}, checkpoint saved. {resume}')
       return {}
     if not result:  # Already trained to the end: evaluate what is there.
-      result = evaluate(steps.eval_step, state['params'], *held_out)
+      result = evaluate(steps.eval_step, evaluated(state), *held_out)
       logger.evaluation(step, result)
     return result
   finally:

@@ -115,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.lr_multipliers = ''
   # decay_type 'wsd': the fraction of the post-warmup steps spent decaying.
   c.opt.wsd_decay_fraction = 0.2
+  # An exponential moving average of the weights, evaluated in their place: its decay per step
+  # (0: none, the weights as trained).
+  c.opt.ema_decay = 0.0
 
   # Device mesh: 'data' replicates the state (data parallel), 'fsdp' shards parameters and
   # optimizer state; batches are split over both. -1: the devices the other axis leaves.

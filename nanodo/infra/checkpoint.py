@@ -164,16 +164,19 @@ def _restore_step(
   return state
 
 
-def restore_params(mngr: Manager, step: int, params: PyTree, shardings: PyTree) -> PyTree:
-  """The parameters of one checkpoint, placed with shardings; ValueError if damaged.
+def restore_params(
+  mngr: Manager, step: int, params: PyTree, shardings: PyTree, key: str = 'params'
+) -> PyTree:
+  """The parameters of one checkpoint (key 'ema': their moving average), placed with
+  shardings; ValueError if damaged.
 
   The optimizer state (twice their size) and the data position stay on disk.
   """
-  target = {'params': _abstract(params, shardings)}
+  target = {key: _abstract(params, shardings)}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
   try:
-    return _restore_step(mngr, step, args)['params']
+    return _restore_step(mngr, step, args)[key]
   except ValueError as e:
     raise ValueError(f'Checkpoint {step} in {mngr.directory} is unreadable ({e}).') from e
 

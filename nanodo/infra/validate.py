@@ -176,6 +176,7 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
   for key in 'init_learning_rate final_learning_rate weight_decay eps clip_by_global_norm'.split():
     yield f'opt.{key}', o[key] >= 0, 'must be >= 0'
   yield 'opt.wsd_decay_fraction', 0 <= o.wsd_decay_fraction <= 1, 'must be in [0, 1]'
+  yield 'opt.ema_decay', 0 <= o.ema_decay < 1, 'must be in [0, 1) (0: no average)'
   try:
     re.compile(o.weight_decay_exclude)
   except re.error as e:
@@ -219,10 +220,12 @@ def check_resume(c: ml_collections.ConfigDict) -> None:
   new, old = _flat(c.to_dict()), _flat(workdir.with_defaults(previous))
   keys = [k for k in new if k.startswith('model.') and k not in _COMPUTE_ONLY] + pinned
   changed = [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old.get(k) != new[k]]
+  if bool(old.get('opt.ema_decay')) != bool(new['opt.ema_decay']):  # the checkpoints' layout
+    changed.append(f'opt.ema_decay: {old.get("opt.ema_decay", 0.0)!r} -> {new["opt.ema_decay"]!r}')
   if changed:
     raise ConfigError(
       f'{source} holds a run started with another config, and resuming may not '
-      f'change the model shape, tokenizer or data: {"; ".join(changed)}. Set '
+      f'change the model shape, tokenizer, data or weight average: {"; ".join(changed)}. Set '
       'these back, or give a new workdir.'
     )
 

@@ -71,12 +71,12 @@ def _train_one(
   )
   extras = {k: hp[k] for k in LOSS_NUMBERS if k in hp}
   opts = dataclasses.replace(opts, loss=opts.loss._replace(**extras))
-  trained = {k: state[k] for k in ('step', 'params', 'opt_state')}
+  trained = {k: v for k, v in state.items() if k != 'diverged_at'}
   new, m = step.train_step(trained, batch, graphdef=graphdef, tx=tx, schedule=schedule, opts=opts)
   finite = [jnp.isfinite(m[k]) for k in ('loss', 'grad_norm', 'update_norm', 'param_norm')]
   alive = (state['diverged_at'] == NOT_DIVERGED) & functools.reduce(jnp.logical_and, finite)
   keep = lambda new_v, old_v: jnp.where(alive, new_v, old_v)
-  new |= {k: jax.tree.map(keep, new[k], state[k]) for k in ('params', 'opt_state')}
+  new |= {k: jax.tree.map(keep, new[k], state[k]) for k in new if k != 'step'}
   diverged_at = jnp.where(
     (state['diverged_at'] == NOT_DIVERGED) & ~alive, state['step'] + 1, state['diverged_at']
   )
@@ -114,6 +114,7 @@ def build_steps(
     # The variants of a group share their seed (it also orders the batches): one start for all.
     params = nnx.state(model.TransformerDecoder(cfg, nnx.Rngs(c.seed)))
     variant = {'params': params, 'opt_state': tx.init(params)}
+    variant |= {'ema': params} if c.opt.ema_decay else {}
     variant['diverged_at'] = jnp.full((), NOT_DIVERGED, jnp.int32)
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (K, *x.shape)), variant)
     return {'step': jnp.zeros((), jnp.int32)} | stacked  # the step count is the stack's
@@ -122,7 +123,7 @@ def build_steps(
   spread = f'{K // mesh.size} per device' if spec_K else 'each on every device'
   lanes = lanes_of(c, K)
   log(f'sweep group: {K} variants stacked, {spread} of {mesh.size}, {lanes} at a time.')
-  specs = {'step': P(), 'params': spec_K, 'opt_state': spec_K, 'diverged_at': spec_K}
+  specs = {'step': P(), 'params': spec_K, 'opt_state': spec_K, 'ema': spec_K, 'diverged_at': spec_K}
   shardings = {
     k: jax.tree.map(lambda _, s=specs[k]: NamedSharding(mesh, s), v)
     for k, v in jax.eval_shape(init).items()

@@ -171,4 +171,5 @@ def start(
     keep_files(path, os.path.join(run, workdir.HF_FILES))
   weights = jax.device_put(params(path, cfg, state['params']), shardings['params'])
   # The optimizers' initial states hold zeros of the parameters' shapes, not their values.
-  return {**state, 'params': weights}, f'step 0 parameters: the weights of {path}'
+  average = {'ema': weights} if 'ema' in state else {}  # the average starts from them too
+  return {**state, 'params': weights, **average}, f'step 0 parameters: the weights of {path}'

@@ -80,12 +80,13 @@ def load(path: str, step: int | None = None, variant: int | None = None) -> Trai
     graphdef, params = abstract(cfg)
     mesh = sharding.make_mesh(1, jax.device_count())
     shardings = sharding.state_shardings(params, mesh)
+    key = 'ema' if c.opt.get('ema_decay') else 'params'  # the weights the run evaluated
     if index is None:
-      params = checkpoint.restore_params(mngr, step, params, shardings)
+      params = checkpoint.restore_params(mngr, step, params, shardings, key)
     else:  # the group's stack, replicated, then the variant's slice
       stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((K, *x.shape), x.dtype), params)
       replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), stacked)
-      stack = checkpoint.restore_params(mngr, step, stacked, replicated)
+      stack = checkpoint.restore_params(mngr, step, stacked, replicated, key)
       params = jax.tree.map(lambda x, s: jax.device_put(x[index], s), stack, shardings)
   finally:
     mngr.close()

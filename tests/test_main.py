@@ -120,7 +120,8 @@ def test_resuming_with_another_model_is_refused_and_the_run_left_as_it_was(tmp_p
   before = (workdir_ / 'config.json').read_text()
   out = cli(f'--config.workdir={workdir_}', *TINY, cwd=str(tmp_path))
   assert out.returncode != 0
-  assert 'resuming may not change the model shape, tokenizer or data: ' in out.stderr
+  refusal = 'resuming may not change the model shape, tokenizer, data or weight average: '
+  assert refusal in out.stderr
   assert 'model.N: 2 -> 1' in out.stderr and 'batch_size: 4 -> 2' in out.stderr
   assert 'Traceback' not in out.stderr
   assert (workdir_ / 'config.json').read_text() == before

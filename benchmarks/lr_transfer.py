@@ -30,6 +30,16 @@ CONFIG = os.path.join(ROOT, 'nanodo', 'configs', 'default.py')
 VOCAB = os.path.join(ROOT, 'tests', 'testdata', 'shakespeare_1024.model')
 
 
+def _finished(workdir: str, grid: str, steps: int) -> bool:
+  """Whether workdir holds the report of this very sweep (grid, steps)."""
+  paths = [os.path.join(workdir, f) for f in ('report.json', 'sweep.json')]
+  if not all(map(os.path.exists, paths)):
+    return False
+  with open(paths[1], encoding='utf-8') as f:
+    planned = json.load(f)
+  return planned['sweep'] == grid and planned['config']['opt']['num_train_steps'] == steps
+
+
 def sweep(workdir: str, D: int, base: int, parameterizations: list[str], lrs: list[float], steps):
   """Final held-out loss of each (parameterization, learning rate) at width D, from report.json."""
   keys = {'workdir': workdir, 'vocab_path': VOCAB, 'batch_size': 16, 'peak_tflops': 1.0}
@@ -41,7 +51,7 @@ def sweep(workdir: str, D: int, base: int, parameterizations: list[str], lrs: li
   grid += f'opt.peak_learning_rate={",".join(f"{lr:g}" for lr in lrs)}'
   cmd = [sys.executable, MAIN, f'--config={CONFIG}', f'--config.sweep={grid}']
   cmd += [f'--config.{k}={v}' for k, v in keys.items()]
-  if not os.path.exists(os.path.join(workdir, 'report.json')):  # a kept workdir's width is read
+  if not _finished(workdir, grid, steps):  # a kept workdir's finished sweep is read
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
       sys.exit(out.stderr[-3000:])

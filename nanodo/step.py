@@ -153,9 +153,8 @@ def train_step(
     step_metrics |= tree.stats('grads', grads) | tree.stats('params', params)
     step_metrics |= tree.stats('updates', scaled)
   new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
-  if 'ema' in state:
-    d = opts.ema_decay
-    new['ema'] = jax.tree.map(lambda a, p: d * a + (1 - d) * p, state['ema'], params)
+  if 'ema' in state:  # Polyak averaging: ema + (1 - d) (params - ema)
+    new['ema'] = optax.incremental_update(params, state['ema'], 1 - opts.ema_decay)
   return new, step_metrics
 
 

@@ -1,18 +1,19 @@
 """The coordinate check: does the scale of every activation stay the same as the model widens?
 
   python benchmarks/coord_check.py [--parameterizations=sp,mup] [--widths=64,128,256,512,1024]
-      [--steps=10] [--lr=1e-2] [--png=coord_check.png]
+      [--steps=10] [--lr=1e-2] [--tied] [--png=coord_check.png]
 
 Trains each parameterization (sp, mup, ntk, mfp) a few steps at each width (2 layers of 4 heads,
 F = 4D, context 64, batch 8 of the built-in Shakespeare corpus with the shipped 1,024-piece
-tokenizer, AdamW at a constant learning rate, base width the first width; ntk with an untied
-head) on the same batches, and prints, per layer kind, the rms of its output at each step and
-width: the attention and MLP outputs and the residual stream (means over the layers), and the
-logits. Step t is the forward pass after t - 1
-updates. Ends with a line per parameterization: the largest ratio between two widths' rms of
-one kind at one step, over the steps after the first update (at initialisation mup's logits
-shrink as m^-1/2 on purpose: its output multiplier is there for the updates). Writes a PNG:
-rms against width, a line per step, a panel per kind and parameterization.
+tokenizer, AdamW at a constant learning rate, base width the first width; an untied head,
+which starts at zero under mup and mfp as µP prescribes, Tensor Programs V) on the same batches,
+and prints, per layer kind, the rms of its output at each step and width: the attention and MLP
+outputs and the residual stream (means over the layers), and the logits. Step t is the forward
+pass after t - 1 updates. Ends with a line per parameterization: the largest ratio between two
+widths' rms of one kind at one step, over the steps after the first update. --tied checks the
+default model's tied head instead (not ntk's, whose head learns at another rate): mup's and mfp's
+logits then start at m^-1/2 of the base width's, which the first updates do not yet outweigh.
+Writes a PNG: rms against width, a line per step, a panel per kind and parameterization.
 """
 
 import argparse
@@ -47,7 +48,8 @@ def run(parameterization: str, D: int, base: int, batches: list, args) -> np.nda
   """rms of each kind (rows) at each step (columns) of one model."""
   c = default.get_config()
   c.model.update(D=D, H=4, N=2, F=4 * D, L=64, parameterization=parameterization, base_width=base)
-  c.model.tied = parameterization != 'ntk'  # ntk's head learns at another rate than its embedding
+  c.model.tied = args.tied and parameterization != 'ntk'
+  c.model.zero_head = not c.model.tied and parameterization in ('mup', 'mfp')
   c.opt.update(warmup_steps=0, decay_type='constant', peak_learning_rate=args.lr, weight_decay=0)
   c.opt.clip_by_global_norm = 0.0  # a global norm grows with the width, and would couple the layers
   c.log_internal_metrics = True
@@ -88,11 +90,13 @@ def main() -> None:
   parser.add_argument('--widths', default='64,128,256,512,1024')
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--lr', type=float, default=1e-2)
+  parser.add_argument('--tied', action='store_true', help='the head is the input embedding')
   parser.add_argument('--png', default='coord_check.png')
   args = parser.parse_args()
   widths = [int(w) for w in args.widths.split(',')]
   print(f'CPU: {cpu()}')
   print(f'widths {widths}, base width {widths[0]}, {args.steps} steps, AdamW at {args.lr:g}')
+  print('head: ' + ('tied (ntk: untied)' if args.tied else 'untied (mup, mfp: starting at zero)'))
   c = default.get_config()
   c.model.L, c.batch_size, c.vocab_path = 64, 8, VOCAB
   with tempfile.TemporaryDirectory() as tmp:

@@ -57,6 +57,7 @@ class ModelConfig:
   tied: bool
   attention: str
   zero_init: bool  # output projections of attention and MLP start at zero
+  zero_head: bool  # the untied head starts at zero
   logit_softcap: float  # logits as c·tanh(logits / c); 0: none
   parameterization: str  # how scales change with D: ops.PARAMETERIZATIONS
   base_width: int  # the D at which every parameterization is sp
@@ -181,7 +182,8 @@ class TransformerDecoder(nnx.Module):
     if cfg.positions == 'learned':
       self.pos_LxD = ops.param(rngs, 0.02, (cfg.L, cfg.D), (None, FSDP))
     if not cfg.tied:
-      self.head_DxV = ops.param(rngs, cfg.D**-0.5 * s.readout.init, (cfg.D, cfg.V), (FSDP, None))
+      head_std = 0.0 if cfg.zero_head else cfg.D**-0.5 * s.readout.init
+      self.head_DxV = ops.param(rngs, head_std, (cfg.D, cfg.V), (FSDP, None))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.N)])
     self.ln_f = _norm(cfg, cfg.D, rngs)
 

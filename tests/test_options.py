@@ -29,6 +29,7 @@ OPTIONS = [
   {'model.bias': 'qkv', 'model.K': 24, 'model.positions': 'rope'},
   {'model.positions': 'rope', 'model.rope_scaling': 'llama3:4,1,4,8'},
   {'model.tied': False},
+  {'model.tied': False, 'model.zero_head': True},
   {'model.attention': 'dot_product_attention'},
   {'model.remat': True, 'model.remat_policy': 'dots_saveable'},
   {'label_smoothing': 0.1},

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_model_config
+from conftest import tiny_config, tiny_model_config, tiny_steps
 from flax import nnx
 
-from nanodo import model, ops, optimizer
+from nanodo import data, model, ops, optimizer
 
 NON_SP = ('mup', 'ntk', 'mfp')
 UNTIED = {'ntk': False}  # ntk's head learns at another rate than its embedding
@@ -141,3 +141,28 @@ def test_adams_epsilon_at_four_times_the_base_width_scales_with_each_gradient(na
   ln = updates['blocks'][0]['ln1']['scale']
   assert step(ln) == pytest.approx(expected((1, 1, 1, other_eps)), rel=1e-5)
   assert step(ln) != pytest.approx(1e-2 / 2, rel=1e-3)  # not sp's epsilon
+
+
+def _logits_rms_after_one_update(D: int, **overrides) -> tuple[float, float]:
+  """rms of mup's logits at initialisation and after one AdamW step at 1e-2 (base width 32)."""
+  c = tiny_config('/unused')
+  c.opt.update(warmup_steps=0, decay_type='constant', peak_learning_rate=1e-2, weight_decay=0.0)
+  cfg = tiny_model_config(D=D, F=2 * D, parameterization='mup', base_width=32, **overrides)
+  steps = tiny_steps(cfg, c)
+  x_BxL = jax.random.randint(jax.random.key(0), (8, cfg.L), 1, cfg.V)
+  rms = lambda params: float(jnp.sqrt(jnp.mean(_decoder(params, cfg)(x_BxL) ** 2)))
+  before = rms(steps.state['params'])
+  state, _ = steps.train_step(steps.state, data.as_batch(x_BxL))
+  return before, rms(state['params'])
+
+
+def test_a_zero_head_starts_mups_logits_at_zero_and_keeps_them_alike_across_width():
+  (zero_32, after_32), (zero_256, after_256) = (
+    _logits_rms_after_one_update(D, tied=False, zero_head=True) for D in (32, 256)
+  )
+  assert zero_32 == zero_256 == 0.0
+  assert 1 / 1.3 < after_32 / after_256 < 1.3
+  # A tied head starts at m^-1/2 of the base width's logits, which one update does not outweigh.
+  (init_32, tied_32), (init_256, tied_256) = (_logits_rms_after_one_update(D) for D in (32, 256))
+  assert init_32 / init_256 == pytest.approx(8**0.5, rel=0.2)
+  assert tied_32 / tied_256 > 1.5

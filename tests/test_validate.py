@@ -88,6 +88,7 @@ def test_every_key_is_type_checked(key, tmp_path):
     ('opt.eps', -1e-8, 'must be >= 0'),
     ('opt.clip_by_global_norm', -1.0, 'must be >= 0'),
     ('model.tied', 'no', 'must be True or False'),
+    ('model.zero_head', True, 'needs model.tied=False: a tied head is the input embedding'),
     ('model.KV', 1.0, 'must be an integer'),
     ('model.K', -1, 'must be a positive integer (0: model.D // model.H)'),
     ('model.bias', 'some', "one of ('none', 'qkv', 'all')"),

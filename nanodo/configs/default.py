@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tied = True  # output projection shares the input embedding
   c.model.attention = 'einsum'  # 'einsum' | 'dot_product_attention' (cuDNN on GPUs)
   c.model.zero_init = False  # attention's and the MLP's output projections start at zero
+  # The untied head (model.tied=False) starts at zero: every width's first logits are 0 (µP's
+  # readout, Tensor Programs V).
+  c.model.zero_head = False
   c.model.logit_softcap = 0.0  # logits as c·tanh(logits / c); 0: uncapped
   # How initial scales, multipliers, learning rates and Adam's epsilon change with model.D: 'sp'
   # (standard, as is) | 'mup' | 'ntk' | 'mfp' (mean-field), Everett et al. 2024's for Adam, each

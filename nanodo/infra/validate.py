@@ -117,6 +117,8 @@ def _checks(c: ml_collections.ConfigDict, flat: dict[str, object]) -> Iterator[_
     yield 'model.rope_scaling', *_rope_scaling(m.rope_scaling)
   yield 'model.norm_eps', m.norm_eps > 0, 'must be > 0'
   yield 'model.logit_softcap', m.logit_softcap >= 0, 'must be >= 0 (0: uncapped)'
+  valid = 'needs model.tied=False: a tied head is the input embedding, which cannot start at zero'
+  yield 'model.zero_head', not (m.zero_head and m.tied), valid
   yield 'model.parameterization', *_one_of(m.parameterization, ops.PARAMETERIZATIONS)
   yield 'model.base_width', m.base_width >= 0, 'must be a positive width (0: none; sp needs none)'
   if (p := m.parameterization) != 'sp':

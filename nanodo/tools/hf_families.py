@@ -19,7 +19,7 @@ _OPTIONS = ('positions', 'norm', 'mlp', 'qk_norm')
 # the soft-cap (refused unless 0) and the parameterization (unless sp).
 _SHARED = 'V D H L N F KV K bias tied rope_base rope_scaling norm_eps dtype remat'.split()
 _SHARED += ['remat_policy', 'attention', 'zero_init', 'logit_softcap', 'parameterization']
-_SHARED += ['base_width']
+_SHARED += ['base_width', 'zero_head']
 _SUPPORTED = (
   'learned + layernorm + gelu (GPT-2), rope + rmsnorm + swiglu (Llama; Qwen2 with'
   " bias='qkv'), with qk_norm (Qwen3)"

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+from collections.abc import Callable
 
 import jax
 from ml_collections import ConfigDict
@@ -68,10 +69,11 @@ def _run(c: ConfigDict, group: list[sweep.Variant] | None = None) -> dict:
       state, start = checkpoint.start(mngr, steps.state, steps.shardings, *restored)
       if not start and c.hf_init_dir:
         state, start = hf_import.start(c.hf_init_dir, cfg, state, steps.shardings, c.workdir)
+      pace = None
       if c.train_minutes:
         every = c.eval_every_steps
         timed = (steps, state, inputs.batches, inputs.eval_data, inputs.batch_sharding)
-        c.opt.num_train_steps = budget.apply(c.workdir, c.train_minutes, every, *timed)
+        c.opt.num_train_steps, pace = budget.apply(c.workdir, c.train_minutes, every, *timed)
         steps = rescheduled(steps, cfg, c.opt, opts, mesh)  # the schedule over the steps bought
       if jax.process_index() == 0:
         workdir.write_config(c)
@@ -80,7 +82,8 @@ def _run(c: ConfigDict, group: list[sweep.Variant] | None = None) -> dict:
       params = jax.tree.map(lambda p: p[0], state['params']) if group else state['params']
       metrics.banner(params, cfg, inputs.summary)
       logger = _logger(c, cfg, params, int(state['step']), group)
-      return _loop(c, inputs, steps, state, start, mngr, stop, logger)
+      paced = pace and (pace, lambda: rescheduled(steps, cfg, c.opt, opts, mesh))
+      return _loop(c, inputs, steps, state, start, mngr, stop, logger, paced)
 
 
 def _logger(
@@ -107,8 +110,13 @@ def _loop(
   mngr: checkpoint.Manager,
   stop: StopSignal,
   logger: metrics.StepLogger,
+  paced: tuple[budget.Pace, Callable[[], Steps]] | None = None,
 ) -> dict:
-  """Trains from state's step to c.opt.num_train_steps; checkpoints and evaluates on the way."""
+  """Trains from state's step to c.opt.num_train_steps; checkpoints and evaluates on the way.
+
+  paced: a budget's Pace, and the steps scheduled over c.opt.num_train_steps, for the counts it
+  decides anew.
+  """
   step = int(state['step'])
   total = c.opt.num_train_steps
   if start:
@@ -144,6 +152,21 @@ def _loop(
         logger.flush()
         result = evaluate(steps.eval_step, evaluated(state), *held_out)
         logger.evaluation(step, result)
+      if paced and step < total and (decision := paced[0].after_step(step)):
+        logger.flush()
+        # A resumed run starts from here or later, so every step it trains has the new count's
+        # schedule; budget.json gets the count once that checkpoint is written.
+        if mngr.latest_step() != step:
+          checkpoint.save(mngr, step, state, batches)
+        checkpoint.wait(mngr)
+        c.opt.num_train_steps = total = decision.num_train_steps
+        if jax.process_index() == 0:
+          budget.write(c.workdir, decision)
+          workdir.write_config(c)
+        log(budget.describe(decision, decided_at=step))
+        steps = paced[1]()
+        logger.retotal(total)
+        logger.restart_clock()
     logger.flush()
     if stop.name and step < total:
       if mngr.latest_step() != step:

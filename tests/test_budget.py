@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -10,17 +11,20 @@ import time
 import pytest
 from conftest import tiny_config
 
-from nanodo import step, train
+from nanodo import optimizer, step, train
 from nanodo.infra import budget, validate, workdir
 
 
 @pytest.fixture
 def fake_clock(monkeypatch):
-  """A clock that moves 1 s each time it is read, from 0, and a launch at 0 - launch_ago."""
+  """A clock that moves 1 s each time it is read, from 0, and a launch at 0 - launch_ago; the
+  loop's pace (1 s a step) is taken as on time unless paced."""
 
-  def install(launch_ago: float = 0.0) -> None:
+  def install(launch_ago: float = 0.0, paced: bool = False) -> None:
     monkeypatch.setattr(budget, 'clock', itertools.count().__next__)
     monkeypatch.setattr(budget, 'launched', lambda: -launch_ago)
+    if not paced:
+      monkeypatch.setattr(budget, 'BAND', (0.0, float('inf')))
 
   return install
 
@@ -130,3 +134,76 @@ def test_bad_and_changed_budgets_are_refused(tmp_path):
   workdir.write_config(c)
   with pytest.raises(validate.ConfigError, match=r'train_minutes: 10.0 -> 20.0'):
     validate.check_resume(tiny_config(str(tmp_path / 'b'), train_minutes=20.0))
+
+
+# Decided: 5 s to start, 100 steps of 0.5 s, an evaluation (1 s) every 50 and at the end: 57 s,
+# the budget of 1 minute less 5%. The loop's steps then take `seconds` each from step `first`.
+DECIDED = budget.Decision(1.0, 100, 0.5, 1.0, 5.0, 1.0)
+
+
+def _paced(monkeypatch, *seconds: float, first: int = 1) -> list[budget.Decision | None]:
+  """The Pace's decisions at its looks (every 5 steps from step first + 5), the loop's steps
+  taking seconds[0] each until the first look, seconds[1] until the next, and so on."""
+  durations = [s for s in seconds for _ in range(5)]
+  times = iter(5 + 0.5 * (first - 1) + t for t in itertools.accumulate(durations))
+  monkeypatch.setattr(budget, 'clock', times.__next__)
+  monkeypatch.setattr(budget, 'launched', lambda: 0.0)
+  pace = budget.Pace(DECIDED, 50)
+  assert pace.check_every == 5
+  looks = [pace.after_step(k) for k in range(first, first + len(durations))]
+  assert not any(looks[:5])
+  return looks[5::5]
+
+
+def test_the_pace_decides_the_count_again_when_the_machines_speed_moves_the_end(monkeypatch):
+  assert _paced(monkeypatch, 0.5, 0.5)[0] is None  # on time: ends at 57 s
+  # 0.625 s a step: 70 s projected. Again, from 8.75 s + 1 s to compile: 71 more steps and two
+  # evaluations (1.25 s, slowed as the steps) end at 56.625 s; 72 would end at 57.25 s.
+  slow = _paced(monkeypatch, 0.625, 0.625)[0]
+  assert (slow.num_train_steps, slow.step_seconds, slow.eval_seconds) == (77, 0.625, 1.25)
+  assert (slow.train_minutes, slow.start_seconds, slow.compile_seconds) == (1.0, 5.0, 1.0)
+  # 0.375 s a step: 44 s projected, short of the band (54 s): 130 steps end at 57.0 s.
+  assert _paced(monkeypatch, 0.375, 0.375)[0].num_train_steps == 130
+  # Past a quarter of the count the schedule is too far on to be stretched: no steps are added.
+  assert _paced(monkeypatch, 0.375, 0.375, first=26)[0] is None
+  assert _paced(monkeypatch, 0.625, 0.625, first=76)[0].num_train_steps < 100  # cut, in time
+  # Steps that speed up after a look on time raise the count at the next; once cut, it is not
+  # raised again.
+  on_time, raised = _paced(monkeypatch, 0.5, 0.25, 0.25)
+  assert on_time is None and raised.num_train_steps > 100
+  cut, after = _paced(monkeypatch, 0.625, 0.25, 0.25)
+  assert cut.num_train_steps < 100 and after is None
+
+
+def test_a_run_slower_than_timed_decides_its_count_again_and_resumes_with_it(
+  fake_clock, tmp_path, capsys
+):
+  # Timing reads the clock as before: 0.1 s a step, one held-out batch of 1 s, a start of 6 s:
+  # 200 steps and 2 evaluations in 0.5 min less 5% (6 + 200·0.1 + 2 = 28 <= 28.5). The loop then
+  # reads the clock once a step: 1 s a step. At step 11 (16 s) the count is decided again: 17 s
+  # with the compile, one more step and the final evaluation (10 s, slowed as the steps): 28 s.
+  fake_clock(paced=True)
+  path = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(path, train_minutes=0.5, eval_batch_size=8192))
+  out = capsys.readouterr().out
+  assert 'budget 0.5 min: 200 steps at 0.1 s/step' in out
+  assert 'budget 0.5 min: 12 steps at 1 s/step (decided again at step 11' in out
+  decision = budget.read(path)
+  assert (decision.num_train_steps, decision.step_seconds, decision.eval_seconds) == (12, 1, 10)
+  assert workdir.read_config(path)['opt']['num_train_steps'] == 12
+  assert sorted(_losses(path)) == list(range(1, 13))
+  assert {11, 12} <= set(map(int, os.listdir(os.path.join(path, 'checkpoints'))))
+  # From step 12 on the learning rate is the schedule over 12 steps.
+  with open(os.path.join(path, workdir.METRICS), encoding='utf-8') as f:
+    last = [json.loads(line) for line in f if '"learning_rate"' in line][-1]
+  c = tiny_config(path)
+  c.opt.num_train_steps = 12
+  assert last['learning_rate'] == pytest.approx(float(optimizer.get_schedule(c.opt)(11)))
+  # Resumed from its checkpoint at step 11, the run keeps the count decided last, neither timing
+  # nor pacing again, and trains step 12 as before.
+  before = _losses(path)
+  shutil.rmtree(os.path.join(path, 'checkpoints', '12'))
+  fake_clock(launch_ago=1000, paced=True)
+  train.train_and_evaluate(tiny_config(path, train_minutes=0.5, eval_batch_size=8192))
+  assert 'budget 0.5 min: 12 steps at 1 s/step (kept in' in capsys.readouterr().out
+  assert _losses(path) == before

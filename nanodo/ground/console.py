@@ -95,6 +95,14 @@ class Progress:
     parts = [f'{name} {count}', text, f'elapsed {_duration(now - start_time)}', eta]
     self.log(' | '.join(filter(None, parts)))
 
+  def retotal(self, task: int, total: int) -> None:
+    """Changes the loop's total."""
+    if self._rich is not None:
+      self._rich.update(task, total=total)
+    else:
+      name, _, every, start_time = self._plain[task]
+      self._plain[task] = (name, total, every, start_time)
+
   def remove(self, task: int) -> None:
     """Stops showing a loop."""
     if self._rich is not None:

@@ -1,9 +1,12 @@
-"""train_minutes: the steps a wall-clock budget buys, decided once and kept in the workdir.
+"""train_minutes: the steps a wall-clock budget buys, decided at the start, kept to while the
+loop runs, and kept in the workdir.
 
 The run times its step (after the one that compiles) and an evaluation batch on copies of its
 state, then fixes the step count so that training, its evaluations and the final one end within
-the budget counted from the process's launch. The schedule is laid over that count, and a
-resumed run reads it back from workdir/budget.json: the same steps, the same learning rates.
+the budget counted from the process's launch. The schedule is laid over that count. While the
+loop runs, Pace projects the end from the loop's own step times and decides the count again
+when the machine's speed moved it out of the budget's band. A resumed run reads the count back
+from workdir/budget.json: the same steps, the same learning rates.
 """
 
 import dataclasses
@@ -28,6 +31,11 @@ from nanodo.step import Steps
 # Steps timed after the compiling one; the budget's share kept for saves, logs and the machine's
 # speed drifting (keeping 2%, runs here ended up to 22 s past the budget).
 TIMED_STEPS, SAFETY = 10, 0.05
+# The loop looks at its pace CHECKS times over the decided steps, and decides the count again
+# when the end it projects leaves BAND (shares of the budget): past it, or short by a whole
+# SAFETY. Each new count costs a compile and a checkpoint (10 s here), so the projection takes
+# the slower of two medians: of every step so far and of the steps since the last look.
+CHECKS, BAND = 20, (1 - 2 * SAFETY, 1 - SAFETY / 2)
 clock = time.time  # replaced by tests
 _IMPORTED = time.time()
 
@@ -41,6 +49,7 @@ class Decision:
   step_seconds: float
   eval_seconds: float  # one full evaluation
   start_seconds: float  # launch to the first step of the decided count, its compile included
+  compile_seconds: float = 0.0  # the train step's, paid again by a count decided anew
 
 
 def launched() -> float:
@@ -98,10 +107,10 @@ def decide(
   eval_seconds = (clock() - t3) * num_eval_batches
   # The decided count's train step compiles again before it starts.
   start_seconds = clock() - launched() + compile_seconds
-  timings = np.array([step_seconds, eval_seconds, start_seconds])
+  timings = np.array([step_seconds, eval_seconds, start_seconds, compile_seconds])
   if jax.process_count() > 1:
     timings = multihost_utils.broadcast_one_to_all(timings)
-  step_seconds, eval_seconds, start_seconds = (float(t) for t in timings)
+  step_seconds, eval_seconds, start_seconds, compile_seconds = (float(t) for t in timings)
   budget = train_minutes * 60 * (1 - SAFETY)
   n = steps_within(budget, start_seconds, step_seconds, eval_seconds, eval_every)
   if n < 1:
@@ -112,7 +121,9 @@ def decide(
       f'{eval_seconds:.1f} s; give at least {math.ceil(least * 100) / 100}.'
     )
   done = int(state['step'])
-  return Decision(train_minutes, done + n, step_seconds, eval_seconds, start_seconds)
+  return Decision(
+    train_minutes, done + n, step_seconds, eval_seconds, start_seconds, compile_seconds
+  )
 
 
 def read(path: str) -> Decision | None:
@@ -143,10 +154,65 @@ def write(path: str, decision: Decision) -> None:
   files.write_text(os.path.join(path, workdir.BUDGET), text)
 
 
-def describe(d: Decision, pinned: str = '') -> str:
-  """'budget 10 min: 1,640 steps at 0.33 s/step' and where the count was fixed."""
+class Pace:
+  """Keeps a decided count to the budget: every 1/CHECKS of the count, the loop's step times
+  project the end; outside BAND the count is decided again. It is raised only before any cut and
+  while three quarters of it are left to train (a schedule near its end would rise again)."""
+
+  def __init__(self, decision: Decision, eval_every: int):
+    self.decision, self.eval_every = decision, eval_every
+    self.check_every = max(decision.num_train_steps // CHECKS, 2)
+    self.times: list[float] = []  # the clock after each step
+    self.looked = 0  # len(times) at the last look
+    self.cut = False
+    self.launch = launched()
+
+  def after_step(self, step: int) -> Decision | None:
+    """A new decision, if the count no longer ends within the band; else None."""
+    self.times.append(clock())
+    if len(self.times) - self.looked <= self.check_every:
+      return None
+    # Medians leave out the steps that also evaluated, saved or compiled.
+    seconds = np.diff(self.times)
+    step_seconds = max(np.median(seconds), np.median(seconds[self.looked :]))
+    self.looked = len(self.times) - 1
+    timings = np.array([step_seconds, self.times[-1] - self.launch])
+    if jax.process_count() > 1:  # process 0's timings decide for every process
+      timings = multihost_utils.broadcast_one_to_all(timings)
+    step_seconds, now = (float(t) for t in timings)
+    d = self.decision
+    # Evaluations slow down with the steps: the machine's speed moves both.
+    eval_seconds = d.eval_seconds * step_seconds / d.step_seconds
+    budget = d.train_minutes * 60
+    end = lambda n, start: (
+      start + (n - step) * step_seconds + self.evaluations(step, n) * eval_seconds
+    )
+    if BAND[0] * budget <= end(d.num_train_steps, now) <= BAND[1] * budget:
+      return None
+    target, start = budget * (1 - SAFETY), now + d.compile_seconds
+    n = step + max(math.floor((target - start) / step_seconds), 1)
+    while n > step + 1 and end(n, start) > target:
+      n -= 1
+    more = n > d.num_train_steps
+    if n == d.num_train_steps or (more and (self.cut or step > d.num_train_steps / 4)):
+      return None
+    self.cut = self.cut or not more
+    self.decision = dataclasses.replace(
+      d, num_train_steps=n, step_seconds=step_seconds, eval_seconds=eval_seconds
+    )
+    return self.decision
+
+  def evaluations(self, step: int, n: int) -> int:
+    """The evaluations of steps step + 1 to n: every eval_every-th, and the last one."""
+    return math.ceil(n / self.eval_every) - step // self.eval_every
+
+
+def describe(d: Decision, pinned: str = '', decided_at: int = 0) -> str:
+  """'budget 10 min: 1,640 steps at 0.33 s/step', where the count was kept or when it changed."""
   minutes = f'{d.train_minutes:g}'
   line = f'budget {minutes} min: {d.num_train_steps:,} steps at {d.step_seconds:.3g} s/step'
+  if decided_at:
+    line += f" (decided again at step {decided_at:,}, from the loop's step times)"
   return line + (f' (kept in {pinned})' if pinned else '')
 
 
@@ -159,8 +225,10 @@ def apply(
   batches: grain.DatasetIterator,
   eval_data: data.EvalData,
   batch_sharding: jax.sharding.NamedSharding,
-) -> int:
-  """The steps train_minutes buys: kept in the workdir at path, else timed and kept there.
+) -> tuple[int, Pace | None]:
+  """The steps train_minutes buys: kept in the workdir at path, else timed and kept there; and
+  the Pace that keeps a count timed now to the budget (None for a kept count: a resumed run's
+  launch is not the budget's).
 
   Timing runs steps on a copy of state (the run's first) and a peek at the next batch.
   """
@@ -178,4 +246,4 @@ def apply(
       write(path, decision)
     kept = ''
   log(describe(decision, kept))
-  return decision.num_train_steps
+  return decision.num_train_steps, None if kept else Pace(decision, eval_every)

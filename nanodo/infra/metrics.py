@@ -207,6 +207,10 @@ class StepLogger:
     """The values the console shows of a step's rows."""
     return rows[None]
 
+  def retotal(self, num_steps: int) -> None:
+    """The run's step count changed (a budget decided it again)."""
+    self.progress.retotal(self.task, num_steps)
+
   def restart_clock(self) -> None:
     """The next step's time starts now: after work that is no step (an evaluation, a save)."""
     self.t_last = time.time()

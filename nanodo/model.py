@@ -145,10 +145,8 @@ class Mlp(nnx.Module):
     a = scales(self.cfg).hidden.multiplier
     if self.cfg.mlp == 'swiglu':
       gate_BxLxF, up_BxLxF = einsum_BL('BLD,SDF->SBLF', x_BxLxD, self.wi_2xDxF, a)
-      gate_BxLxF, up_BxLxF = (
-        ops.add_bias(gate_BxLxF, self.bi_SxF, 0),
-        ops.add_bias(up_BxLxF, self.bi_SxF, 1),
-      )
+      gate_BxLxF = ops.add_bias(gate_BxLxF, self.bi_SxF, 0)
+      up_BxLxF = ops.add_bias(up_BxLxF, self.bi_SxF, 1)
       h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
       act = jax.nn.gelu if self.cfg.mlp == 'gelu' else lambda z: jnp.square(jax.nn.relu(z))

@@ -163,7 +163,7 @@ class Pace:
     self.decision, self.eval_every = decision, eval_every
     self.check_every = max(decision.num_train_steps // CHECKS, 2)
     self.times: list[float] = []  # the clock after each step
-    self.looked = 0  # len(times) at the last look
+    self.looked = 0  # the index in times of the last look's clock
     self.cut = False
     self.launch = launched()
 
